@@ -1,0 +1,77 @@
+"""Accounts (tenants) and their API keys. Keys are random, shown once and stored hashed."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pml.errors import InvalidArgument, NotFound, Unauthenticated
+from pml.store.tables import Account, ApiKey, utcnow
+
+ACCOUNT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+KEY_PREFIX = "pml_"
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_fhir_source(source: dict[str, Any]) -> dict[str, Any]:
+    """Validate an account's FHIR source setting: ``{"type": "folder", "path": ...}``."""
+    kind = source.get("type")
+    if kind not in ("folder",):
+        raise InvalidArgument([("fhirSource.type", f"unsupported source type {kind!r}; expected 'folder'")])
+    if not isinstance(source.get("path"), str) or not source["path"]:
+        raise InvalidArgument([("fhirSource.path", "a folder source needs a path")])
+    return {"type": kind, "path": source["path"]}
+
+
+def create_account(session: Session, account_id: str, name: str, fhir_source: dict[str, Any]) -> Account:
+    if not ACCOUNT_ID.match(account_id):
+        raise InvalidArgument([("accountId", "2-63 characters of a-z, 0-9 and '-', starting with a letter or digit")])
+    if session.get(Account, account_id) is not None:
+        raise InvalidArgument([("accountId", f"account {account_id!r} exists already")])
+    account = Account(id=account_id, name=name or account_id, fhir_source=check_fhir_source(fhir_source))
+    session.add(account)
+    session.flush()
+    return account
+
+
+def get_account(session: Session, account_id: str) -> Account:
+    account = session.get(Account, account_id)
+    if account is None:
+        raise NotFound(f"account {account_id} not found")
+    return account
+
+
+def create_api_key(session: Session, account_id: str, name: str = "") -> tuple[ApiKey, str]:
+    """Make a key; the plaintext is returned once and never stored."""
+    get_account(session, account_id)
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(account_id=account_id, key_hash=_hash_key(plaintext), name=name)
+    session.add(key)
+    session.flush()
+    return key, plaintext
+
+
+def authenticate(session: Session, account_id: str, key: str) -> str:
+    """The account id when ``key`` is a live key of that account; Unauthenticated otherwise."""
+    if not account_id or not key:
+        raise Unauthenticated("missing account or API key")
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == _hash_key(key)))
+    if row is None or row.revoked_at is not None or not hmac.compare_digest(row.account_id, account_id):
+        raise Unauthenticated("unknown or revoked API key for this account")
+    return account_id
+
+
+def revoke_api_key(session: Session, account_id: str, key_id: str) -> None:
+    row = session.scalar(select(ApiKey).where(ApiKey.account_id == account_id, ApiKey.id == key_id))
+    if row is None:
+        raise NotFound(f"API key {key_id} not found")
+    row.revoked_at = utcnow()

@@ -1,0 +1,128 @@
+"""``pml``: the command line for operators and people (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pml.settings import Settings
+
+app = typer.Typer(no_args_is_help=True, help="pml: patient ML service.")
+images = typer.Typer(no_args_is_help=True, help="The image registry (image URI → local folder).")
+accounts = typer.Typer(no_args_is_help=True, help="Accounts and API keys (operator, local store).")
+app.add_typer(images, name="images")
+app.add_typer(accounts, name="accounts")
+console = Console()
+
+
+def _app():  # type: ignore[no-untyped-def]
+    from pml.app import App
+
+    return App(Settings())
+
+
+@app.command()
+def serve(
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 50051,
+    host: Annotated[str, typer.Option(help="Address to bind; loopback unless told otherwise.")] = "127.0.0.1",
+    workers: Annotated[bool, typer.Option(help="Also run the workers in this process (embedded).")] = True,
+) -> None:
+    """Start the gRPC gateway (and, embedded, the workers)."""
+    from pml.gateway.server import build_server
+    from pml.workers import start_workers
+
+    pml_app = _app()
+    worker = start_workers(pml_app) if workers else None
+    server, port = build_server(pml_app, f"{host}:{grpc_port}")
+    console.print(f"pml gateway on {host}:{port}" + (" with in-process workers" if worker else ""))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5)
+    if worker:
+        worker.stop()
+
+
+@app.command()
+def worker(
+    queues: Annotated[Optional[list[str]], typer.Option("--queues", "-q", help="Queues to consume (repeat or comma-separate); default all.")] = None,
+    processes: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    threads: Annotated[int, typer.Option(help="Threads per process.")] = 2,
+) -> None:
+    """Consume step queues (curate, tune, evaluate, deploy) as a separate worker pool."""
+    from pml.broker import STEPS
+    from pml.workers import run_worker_process, spawn_worker_processes
+
+    wanted = sorted({q.strip() for item in (queues or []) for q in item.split(",") if q.strip()})
+    unknown = [q for q in wanted if q not in STEPS]
+    if unknown:
+        raise typer.BadParameter(f"unknown queue(s) {unknown}; choose from {sorted(STEPS)}", param_hint="--queues")
+    if processes > 1:
+        raise typer.Exit(spawn_worker_processes(wanted, processes, threads))
+    run_worker_process(_app(), set(wanted) or None, threads)
+
+
+@images.command("add")
+def images_add(uri: str, path: Path) -> None:
+    """Register an image URI with the folder that holds its train/serve entry points."""
+    from pml.images import add_image
+
+    with _app().session() as session:
+        image = add_image(session, uri, path)
+        console.print(f"{image.uri} → {image.path} ({image.kind} runtime)")
+
+
+@images.command("list")
+def images_list() -> None:
+    from pml.images import list_images
+
+    table = Table("uri", "runtime", "path")
+    with _app().session() as session:
+        for image in list_images(session):
+            table.add_row(image.uri, image.kind, image.path or "")
+    console.print(table)
+
+
+@accounts.command("create")
+def accounts_create(
+    account_id: str,
+    fhir_folder: Annotated[Path, typer.Option(help="Folder of the account's FHIR records.")],
+    name: str = "",
+) -> None:
+    """Create an account and print its first API key (shown once)."""
+    from pml.accounts import create_account, create_api_key
+
+    with _app().session() as session:
+        create_account(session, account_id, name, {"type": "folder", "path": str(fhir_folder.resolve())})
+        _, key = create_api_key(session, account_id, "first key")
+    console.print(json.dumps({"accountId": account_id, "apiKey": key}))
+
+
+@app.command()
+def demo() -> None:
+    """Run the whole flow once on scikit-learn's digits, through the gateway (embedded)."""
+    from pml.demo import run_demo
+
+    raise typer.Exit(run_demo(Settings()))
+
+
+def main() -> None:
+    from pml.errors import PmlError
+
+    try:
+        app()
+    except PmlError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""A small Python client for the gRPC gateway (used by the CLI, the demo and the tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+
+from pml.v1 import pml_pb2 as pb
+from pml.v1 import pml_pb2_grpc as rpc
+
+TERMINAL_STATES = {pb.RUN_STATE_COMPLETED, pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED}
+
+
+class PmlClient:
+    def __init__(self, target: str, account: str = "", api_key: str = "", admin_key: str = ""):
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.account = account
+        self.api_key = api_key
+        self.admin_key = admin_key
+        self.accounts = rpc.AccountServiceStub(self.channel)
+        self.models = rpc.ModelServiceStub(self.channel)
+        self.runs = rpc.RunServiceStub(self.channel)
+        self.snapshots = rpc.SnapshotServiceStub(self.channel)
+        self.approvals = rpc.ApprovalServiceStub(self.channel)
+        self.predictions = rpc.PredictionServiceStub(self.channel)
+        self.artifacts = rpc.ArtifactServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("pml-account", self.account), ("authorization", f"Bearer {self.api_key}")]
+
+    @property
+    def admin_metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.admin_key}")]
+
+    def create_account(self, account_id: str, fhir_source: dict[str, Any], name: str = "") -> pb.Account:
+        request = pb.CreateAccountRequest(account_id=account_id, name=name, fhir_source_json=json.dumps(fhir_source))
+        return self.accounts.CreateAccount(request, metadata=self.admin_metadata)
+
+    def create_api_key(self, account_id: str, name: str = "") -> str:
+        response = self.accounts.CreateApiKey(
+            pb.CreateApiKeyRequest(account_id=account_id, name=name), metadata=self.admin_metadata
+        )
+        return response.api_key
+
+    def create_model(self, config: dict[str, Any]) -> pb.Model:
+        return self.models.CreateModel(pb.CreateModelRequest(config_json=json.dumps(config)), metadata=self.metadata)
+
+    def create_run(self, model_id: str) -> pb.Run:
+        return self.runs.CreateRun(pb.CreateRunRequest(model_id=model_id), metadata=self.metadata)
+
+    def get_run(self, run_id: str) -> pb.Run:
+        return self.runs.GetRun(pb.GetRunRequest(run_id=run_id), metadata=self.metadata)
+
+    def list_trials(self, run_id: str) -> list[pb.Trial]:
+        return list(self.runs.ListTrials(pb.ListTrialsRequest(run_id=run_id), metadata=self.metadata).trials)
+
+    def watch_run(self, run_id: str, after_event_id: int = 0) -> Iterator[pb.Event]:
+        """Events of a run until it reaches a terminal state (replay, then live)."""
+        stream = self.runs.WatchRun(pb.WatchRunRequest(run_id=run_id, after_event_id=after_event_id), metadata=self.metadata)
+        try:
+            for event in stream:
+                yield event
+                if event.type == "run.state" and json.loads(event.data_json).get("status") in (
+                    "COMPLETED", "FAILED", "CANCELLED",
+                ):
+                    return
+        finally:
+            stream.cancel()
+
+    def get_snapshot(self, snapshot_id: str) -> pb.Snapshot:
+        return self.snapshots.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=snapshot_id), metadata=self.metadata)
+
+    def approve(self, run_id: str, description: str = "", user: str = "") -> pb.Approval:
+        request = pb.CreateApprovalRequest(
+            run_id=run_id, decision=pb.DECISION_APPROVED, description=description, user=user
+        )
+        return self.approvals.CreateApproval(request, metadata=self.metadata)
+
+    def predict(self, model_id: str, *, example_id: str | None = None, image: bytes | None = None) -> pb.PredictResponse:
+        request = pb.PredictRequest(model_id=model_id)
+        if example_id is not None:
+            request.example_id = example_id
+        if image is not None:
+            request.image = image
+        return self.predictions.Predict(request, metadata=self.metadata)
+
+    def download_artifact(self, model_id: str, target: Path, run_id: str = "") -> str:
+        """Write the artifact to ``target``; returns its sha256 after checking it against the server's."""
+        info = None
+        digest = hashlib.sha256()
+        with open(target, "wb") as handle:
+            for chunk in self.artifacts.DownloadArtifact(
+                pb.DownloadArtifactRequest(model_id=model_id, run_id=run_id), metadata=self.metadata
+            ):
+                if chunk.HasField("info"):
+                    info = chunk.info
+                else:
+                    handle.write(chunk.data)
+                    digest.update(chunk.data)
+        if info is None or digest.hexdigest() != info.sha256:
+            raise ValueError("downloaded artifact does not match the sha256 the server announced")
+        return digest.hexdigest()

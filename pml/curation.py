@@ -1,0 +1,193 @@
+"""The curate step: an account's FHIR source → an immutable dataset snapshot for a run.
+
+One bad record never fails a run: it is skipped and counted in the curation report. The run
+fails only when the snapshot would be unusable, and the reason says what was skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pml import events
+from pml.accounts import get_account
+from pml.app import App
+from pml.blobs import BlobStore
+from pml.datasets.images import ImageError, check_image, mask_values
+from pml.datasets.snapshot import (
+    SnapshotManifest,
+    build_manifest,
+    check_usable,
+    snapshot_stats,
+    store_manifest,
+)
+from pml.datasets.splits import SplitPolicy
+from pml.errors import NotFound
+from pml.fhir.attachments import AttachmentError, attachment_bytes
+from pml.fhir.records import collect_records
+from pml.fhir.report import CurationReport
+from pml.fhir.sources import open_source
+from pml.runs import RunStatus, get_run, run_step, set_status
+from pml.schemas.config import ModelConfig
+from pml.settings import Settings
+from pml.store.tables import Snapshot, SnapshotExample
+
+
+@dataclass
+class CurationResult:
+    manifest: SnapshotManifest
+    report: CurationReport
+
+
+def curate_snapshot(
+    source_config: dict[str, Any], config: ModelConfig, blobs: BlobStore, settings: Settings,
+    policy: SplitPolicy | None = None,
+) -> CurationResult:
+    """Read the source, keep the usable examples, store their files and build the manifest."""
+    report = CurationReport()
+    source = open_source(source_config)
+    problem = config.problem_definition
+    records = collect_records(source.resources(report), problem.training_data_filter.codes, report)
+    label_index = config.label_index()
+    index_to_name = {index + 1: name for name, index in label_index.items()}
+    segmentation = problem.problem_type.is_segmentation
+
+    examples: list[dict[str, Any]] = []
+    for record in records.examples:
+        key = f"{record.resource_type}/{record.id}"
+        try:
+            data, content_type = attachment_bytes(record.attachment, source.root, settings.max_image_bytes)
+            info = check_image(data, settings.max_image_pixels)
+        except (AttachmentError, ImageError) as exc:
+            report.skip(key, str(exc))
+            continue
+        unknown = sorted(record.labels - label_index.keys())
+        if unknown:
+            report.skip(key, "label not among the config's labels")
+            continue
+        mask_sha = None
+        labels = sorted(record.labels)
+        if segmentation:
+            if record.mask is None:
+                report.skip(key, "no segmentation mask")
+                continue
+            try:
+                mask_data, mask_type = attachment_bytes(record.mask, source.root, settings.max_image_bytes)
+                if mask_type != "image/png":
+                    raise ImageError("mask is not a PNG")
+                width, height, values = mask_values(mask_data)
+            except (AttachmentError, ImageError) as exc:
+                report.skip(key, f"mask: {exc}")
+                continue
+            if (width, height) != (info.width, info.height):
+                report.skip(key, "mask size differs from its image")
+                continue
+            if values - {0} - index_to_name.keys():
+                report.skip(key, "mask has pixel values that are not label index + 1")
+                continue
+            labels = sorted(index_to_name[v] for v in values if v)
+            mask_sha = blobs.put(mask_data)
+        else:
+            if not labels:
+                report.skip(key, "no label")
+                continue
+            if len(labels) > 1 and not problem.multi_label:
+                report.skip(key, "several labels for a single-label problem")
+                continue
+        examples.append(
+            {
+                "id": record.id,
+                "resource_type": record.resource_type,
+                "version": record.version,
+                "patient": record.patient_id,
+                "time": record.time.isoformat(),
+                "_time": record.time,
+                "image": blobs.put(data),
+                "image_type": content_type,
+                "mask": mask_sha,
+                "labels": labels,
+            }
+        )
+    report.examples = len(examples)
+    patients = {
+        pid: {"gender": info.gender, "birthDate": info.birth_date} for pid, info in records.patients.items()
+    }
+    manifest = build_manifest(
+        problem_type=problem.problem_type.value,
+        multi_label=problem.multi_label,
+        labels=label_index,
+        policy=policy or SplitPolicy(),
+        patients=patients,
+        examples=examples,
+    )
+    check_usable(manifest, report.summary())
+    return CurationResult(manifest=manifest, report=report)
+
+
+def save_snapshot(session: Session, account_id: str, blobs: BlobStore, manifest: SnapshotManifest) -> str:
+    """Store the manifest and index its examples once; the same data gives the same id."""
+    snapshot_id, manifest_sha = store_manifest(blobs, manifest)
+    exists = session.scalar(
+        select(Snapshot).where(Snapshot.account_id == account_id, Snapshot.id == snapshot_id)
+    )
+    if exists is None:
+        session.add(
+            Snapshot(account_id=account_id, id=snapshot_id, manifest_sha256=manifest_sha, stats=snapshot_stats(manifest))
+        )
+        session.add_all(
+            SnapshotExample(
+                account_id=account_id, snapshot_id=snapshot_id, example_id=e.id, patient_id=e.patient,
+                split=e.split, image_sha256=e.image, mask_sha256=e.mask, labels=list(e.labels),
+            )
+            for e in manifest.examples
+        )
+        session.flush()
+    return snapshot_id
+
+
+def get_snapshot(session: Session, account_id: str, snapshot_id: str) -> tuple[Snapshot, list[SnapshotExample]]:
+    snapshot = session.scalar(select(Snapshot).where(Snapshot.account_id == account_id, Snapshot.id == snapshot_id))
+    if snapshot is None:
+        raise NotFound(f"snapshot {snapshot_id} not found")
+    examples = session.scalars(
+        select(SnapshotExample)
+        .where(SnapshotExample.account_id == account_id, SnapshotExample.snapshot_id == snapshot_id)
+        .order_by(SnapshotExample.example_id)
+    )
+    return snapshot, list(examples)
+
+
+def curate_run(app: App, account_id: str, run_id: str) -> bool:
+    """The curator's step. Returns whether tuning should be enqueued."""
+
+    def work() -> bool:
+        with app.session() as session:
+            run = get_run(session, account_id, run_id, for_update=True)
+            if run.snapshot_id is not None:
+                return run.status == RunStatus.TUNING.value  # done before; only re-enqueue
+            if run.status not in (RunStatus.PENDING.value, RunStatus.CURATING.value):
+                return False
+            if run.status == RunStatus.PENDING.value:
+                set_status(session, run, RunStatus.CURATING)
+            source_config = dict(get_account(session, account_id).fhir_source)
+            config = ModelConfig.model_validate(run.config)
+        blobs = app.blobs(account_id)
+        result = curate_snapshot(source_config, config, blobs, app.settings)
+        with app.session() as session:
+            run = get_run(session, account_id, run_id, for_update=True)
+            if run.status != RunStatus.CURATING.value:
+                return False  # cancelled meanwhile
+            run.snapshot_id = save_snapshot(session, account_id, blobs, result.manifest)
+            run.curation_report = result.report.to_json()
+            events.publish(
+                session, account_id, "run.curated", run_id=run.id, model_id=run.model_id,
+                data={"snapshotId": run.snapshot_id, "examples": result.report.examples,
+                      "skipped": sum(result.report.skipped.values())},
+            )
+            set_status(session, run, RunStatus.TUNING)
+        return True
+
+    return run_step(app, account_id, run_id, "curate", work)

@@ -1,0 +1,1 @@
+"""Datasets: image checks, patient-grouped time-based splits, immutable snapshots, channels."""

@@ -1,0 +1,141 @@
+"""Immutable, content-addressed dataset snapshots.
+
+The id is the sha256 of a canonical manifest (every example's resource id and version, image
+and mask hashes, labels, split, and the label index map), so curating unchanged data again
+yields the same id and stores nothing new.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from pml.blobs import BlobStore, sha256_bytes
+from pml.datasets.splits import TEST, TRAIN, VALIDATION, SplitPolicy, assign_splits
+from pml.errors import StepFailed
+
+MANIFEST_FORMAT = 1
+SPLITS = (TRAIN, VALIDATION, TEST)
+
+
+class _Camel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class ManifestExample(_Camel):
+    id: str
+    resource_type: str
+    version: str
+    patient: str
+    time: str
+    split: str
+    image: str  # sha256 of the image bytes
+    image_type: str  # image/png | image/jpeg
+    mask: str | None = None
+    labels: list[str]
+
+
+class SnapshotManifest(_Camel):
+    format: int = MANIFEST_FORMAT
+    problem_type: str
+    multi_label: bool
+    labels: dict[str, int]
+    split_policy: SplitPolicy
+    patients: dict[str, dict[str, str | None]]
+    examples: list[ManifestExample]
+
+    def canonical_bytes(self) -> bytes:
+        data = self.model_dump(mode="json", by_alias=True)
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+    def snapshot_id(self) -> str:
+        return sha256_bytes(self.canonical_bytes())
+
+    def split(self, name: str) -> list[ManifestExample]:
+        return [e for e in self.examples if e.split == name]
+
+
+def build_manifest(
+    *,
+    problem_type: str,
+    multi_label: bool,
+    labels: dict[str, int],
+    policy: SplitPolicy,
+    patients: dict[str, dict[str, str | None]],
+    examples: list[dict[str, Any]],
+) -> SnapshotManifest:
+    """Assign splits and order everything canonically. ``examples`` lack only ``split``."""
+    splits = assign_splits(((e["patient"], e["_time"]) for e in examples), policy)
+    rows = [
+        ManifestExample(**{k: v for k, v in e.items() if not k.startswith("_")}, split=splits[e["patient"]])
+        for e in sorted(examples, key=lambda e: (e["resource_type"], e["id"]))
+    ]
+    used = {e.patient for e in rows}
+    return SnapshotManifest(
+        problem_type=problem_type,
+        multi_label=multi_label,
+        labels=dict(sorted(labels.items(), key=lambda kv: kv[1])),
+        split_policy=policy,
+        patients={p: patients[p] for p in sorted(used)},
+        examples=rows,
+    )
+
+
+def patients_in_two_splits(manifest: SnapshotManifest) -> set[str]:
+    """Patients found in more than one split; empty for every manifest pml writes."""
+    seen: dict[str, set[str]] = {}
+    for e in manifest.examples:
+        seen.setdefault(e.patient, set()).add(e.split)
+    return {p for p, s in seen.items() if len(s) > 1}
+
+
+def snapshot_stats(manifest: SnapshotManifest) -> dict[str, Any]:
+    stats: dict[str, Any] = {}
+    for name in SPLITS:
+        rows = manifest.split(name)
+        label_counts: Counter[str] = Counter(label for e in rows for label in e.labels)
+        times = sorted(e.time for e in rows)
+        stats[name] = {
+            "examples": len(rows),
+            "patients": len({e.patient for e in rows}),
+            "labels": dict(sorted(label_counts.items())),
+            "timeRange": [times[0], times[-1]] if times else None,
+        }
+    return stats
+
+
+def check_usable(manifest: SnapshotManifest, skipped_summary: str) -> None:
+    """Fail the step when the snapshot could not train and test a model, saying why."""
+    if not manifest.examples:
+        raise StepFailed(f"no usable examples matched the filter ({skipped_summary})")
+    for name in SPLITS:
+        if not manifest.split(name):
+            patients = len(manifest.patients)
+            raise StepFailed(
+                f"the {name} split is empty: {len(manifest.examples)} examples from {patients} patients "
+                f"are too few to split by patient ({skipped_summary})"
+            )
+    in_train = {label for e in manifest.split(TRAIN) for label in e.labels}
+    missing = [name for name in manifest.labels if name not in in_train]
+    if missing:
+        raise StepFailed(
+            f"labels with no training example: {', '.join(missing)} ({skipped_summary})"
+        )
+    leaked = patients_in_two_splits(manifest)
+    if leaked:  # cannot happen with assign_splits; checked because the promise matters
+        raise StepFailed(f"{len(leaked)} patients appear in two splits")
+
+
+def store_manifest(blobs: BlobStore, manifest: SnapshotManifest) -> tuple[str, str]:
+    """Write the manifest once; returns ``(snapshot id, manifest blob sha)`` (the same hash)."""
+    data = manifest.canonical_bytes()
+    sha = blobs.put(data)
+    return manifest.snapshot_id(), sha
+
+
+def load_manifest(blobs: BlobStore, snapshot_id: str) -> SnapshotManifest:
+    return SnapshotManifest.model_validate_json(blobs.read(snapshot_id))

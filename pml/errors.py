@@ -1,0 +1,42 @@
+"""Exceptions of the library; the edges (gateway, CLI) map them to status codes and text.
+
+Messages name ids, fields and reasons, never patient data.
+"""
+
+from __future__ import annotations
+
+
+class PmlError(Exception):
+    """Base class of every error pml raises on purpose."""
+
+
+class NotFound(PmlError):
+    """The object does not exist in the caller's account (or in no account at all)."""
+
+
+class InvalidArgument(PmlError):
+    """Input is malformed; ``violations`` lists ``(field path, reason)`` pairs."""
+
+    def __init__(self, violations: list[tuple[str, str]]):
+        self.violations = violations
+        super().__init__("; ".join(f"{field}: {reason}" for field, reason in violations))
+
+
+class FailedPrecondition(PmlError):
+    """The object is not in a state that allows the call (e.g. approving a failed run)."""
+
+
+class Unauthenticated(PmlError):
+    """No or unknown credentials."""
+
+
+class PermissionDenied(PmlError):
+    """Known credentials that may not make this call."""
+
+
+class StepFailed(PmlError):
+    """A run step cannot succeed; the run fails with this reason (a person can act on it)."""
+
+
+class ImageNotFound(StepFailed):
+    """An image URI that the image registry cannot resolve."""

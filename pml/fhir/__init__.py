@@ -1,0 +1,1 @@
+"""FHIR: reading sources, the conventions that turn records into examples, writing bundles."""

@@ -1,0 +1,270 @@
+"""pml's FHIR conventions: which records are examples, labels and masks (see the README).
+
+- example: a DocumentReference (or R4 Media) whose ``type`` (or ``code``/``category``)
+  carries a filter code, with ``subject`` → Patient, a time and an image attachment;
+- classification label: an Observation coded ``urn:pml:label|label``, ``derivedFrom`` the
+  example, whose ``valueCodeableConcept`` codes are label names;
+- segmentation mask: a DocumentReference typed ``urn:pml:label|mask``, ``relatesTo`` the
+  example, a PNG whose pixel value is label index + 1 (0 = background).
+
+Resources are filtered on the parsed JSON first and only the ones that matter are validated
+with fhir.resources, which is far slower than parsing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from pml.fhir.dates import parse_fhir_datetime
+from pml.fhir.report import CurationReport
+from pml.fhir.sources.base import RawResource
+
+LABEL_SYSTEM = "urn:pml:label"
+LABEL_CODE = "label"
+MASK_CODE = "mask"
+FINAL_STATUSES = {"final", "amended", "corrected"}
+
+
+@dataclass
+class PatientInfo:
+    gender: str | None = None
+    birth_date: str | None = None
+
+
+@dataclass
+class ExampleRecord:
+    """An example's resource, before its image is decoded."""
+
+    resource_type: str
+    id: str
+    version: str
+    patient_id: str
+    time: dt.datetime
+    attachment: dict[str, Any]
+    labels: set[str] = field(default_factory=set)
+    mask: dict[str, Any] | None = None  # the mask's attachment
+    mask_ref: str | None = None
+
+
+@dataclass
+class CollectedRecords:
+    patients: dict[str, PatientInfo]
+    examples: list[ExampleRecord]
+
+
+def _codings(resource: dict[str, Any], *keys: str) -> Iterable[dict[str, Any]]:
+    for key in keys:
+        value = resource.get(key)
+        concepts = value if isinstance(value, list) else [value]
+        for concept in concepts:
+            if isinstance(concept, dict):
+                for coding in concept.get("coding") or []:
+                    if isinstance(coding, dict):
+                        yield coding
+
+
+def _matches(codings: Iterable[dict[str, Any]], codes: set[str]) -> bool:
+    for coding in codings:
+        code = coding.get("code")
+        if code in codes or f"{coding.get('system')}|{code}" in codes:
+            return True
+    return False
+
+
+def _is_label(resource: dict[str, Any], code: str) -> bool:
+    return any(c.get("system") == LABEL_SYSTEM and c.get("code") == code for c in _codings(resource, "type", "code"))
+
+
+def _reference_id(reference: Any, resource_types: tuple[str, ...]) -> str | None:
+    if not isinstance(reference, dict) or not isinstance(reference.get("reference"), str):
+        return None
+    ref = reference["reference"].split("/_history/")[0]
+    parts = ref.rsplit("/", 2)
+    if len(parts) >= 2 and parts[-2] in resource_types and parts[-1]:
+        return f"{parts[-2]}/{parts[-1]}"
+    return None
+
+
+def _version_key(resource: dict[str, Any]) -> tuple[int, str]:
+    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+    version = str(meta.get("versionId") or "")
+    updated = parse_fhir_datetime(meta.get("lastUpdated"))
+    return (int(version) if version.isdigit() else 0, updated.isoformat() if updated else "")
+
+
+def _validate(resource: dict[str, Any]) -> str | None:
+    """None when the resource validates as R4/R4B or R5; otherwise a short reason (no values)."""
+    kind = resource["resourceType"]
+    errors: list[str] = []
+    for package in ("fhir.resources.R4B", "fhir.resources"):
+        try:
+            module = __import__(f"{package}.{kind.lower()}", fromlist=[kind])
+        except ImportError:
+            continue
+        try:
+            getattr(module, kind).model_validate(resource)
+            return None
+        except (ValidationError, ValueError, TypeError) as exc:
+            if isinstance(exc, ValidationError) and exc.errors():
+                first = exc.errors()[0]
+                errors.append(".".join(str(p) for p in first["loc"]) + f" ({first['type']})")
+            else:
+                errors.append(type(exc).__name__)
+    return f"invalid {kind}: {errors[0] if errors else 'unknown type'}"
+
+
+def _example_time(resource: dict[str, Any]) -> dt.datetime | None:
+    context = resource.get("context")
+    candidates: list[Any] = []
+    if isinstance(context, dict):  # R4: context.period
+        candidates.append((context.get("period") or {}).get("start"))
+    candidates.append((resource.get("period") or {}).get("start") if isinstance(resource.get("period"), dict) else None)
+    candidates.append(resource.get("createdDateTime"))  # R4 Media
+    candidates.append(resource.get("date"))
+    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+    candidates.append(meta.get("lastUpdated"))
+    for value in candidates:
+        parsed = parse_fhir_datetime(value)
+        if parsed is not None:
+            return parsed
+    return None
+
+
+def _attachment(resource: dict[str, Any]) -> dict[str, Any] | None:
+    if resource["resourceType"] == "Media":
+        content = resource.get("content")
+        return content if isinstance(content, dict) else None
+    contents = resource.get("content")
+    if isinstance(contents, list) and contents and isinstance(contents[0], dict):
+        attachment = contents[0].get("attachment")
+        return attachment if isinstance(attachment, dict) else None
+    return None
+
+
+def collect_records(
+    stream: Iterable[RawResource], codes: list[str], report: CurationReport
+) -> CollectedRecords:
+    """Pass once over the source and gather patients, examples, labels and masks.
+
+    Duplicates of one resource keep the latest ``meta.versionId`` / ``meta.lastUpdated``.
+    """
+    code_set = set(codes)
+    patients: dict[str, PatientInfo] = {}
+    candidates: dict[str, dict[str, Any]] = {}
+    observations: dict[str, dict[str, Any]] = {}
+    masks: dict[str, dict[str, Any]] = {}
+
+    def keep_latest(bucket: dict[str, dict[str, Any]], key: str, resource: dict[str, Any]) -> None:
+        old = bucket.get(key)
+        if old is None:
+            bucket[key] = resource
+            return
+        report.skip(key, "duplicate resource (kept the latest version)")
+        if _version_key(resource) >= _version_key(old):
+            bucket[key] = resource
+
+    for raw in stream:
+        report.resources_read += 1
+        resource = raw.resource
+        kind = resource["resourceType"]
+        rid = resource.get("id")
+        if kind not in ("Patient", "DocumentReference", "Media", "Observation"):
+            continue
+        if not isinstance(rid, str) or not rid:
+            if kind != "Patient" and _matches(_codings(resource, "type", "code", "category"), code_set):
+                report.skip(raw.origin, f"{kind} without an id")
+            continue
+        key = f"{kind}/{rid}"
+        if kind == "Patient":
+            patients[rid] = PatientInfo(gender=resource.get("gender"), birth_date=resource.get("birthDate"))
+        elif kind == "Observation":
+            if _is_label(resource, LABEL_CODE):
+                keep_latest(observations, key, resource)
+        elif _is_label(resource, MASK_CODE):
+            keep_latest(masks, key, resource)
+        elif _matches(_codings(resource, "type", "code", "category"), code_set):
+            keep_latest(candidates, key, resource)
+
+    labels_by_example: dict[str, set[str]] = {}
+    for key, obs in observations.items():
+        reason = _validate(obs)
+        if reason:
+            report.skip(key, reason)
+            continue
+        if obs.get("status") not in FINAL_STATUSES:
+            report.skip(key, "label observation is not final")
+            continue
+        names = {c.get("code") for c in _codings(obs, "valueCodeableConcept") if c.get("code")}
+        targets = [_reference_id(r, ("DocumentReference", "Media")) for r in obs.get("derivedFrom") or []]
+        targets = [t for t in targets if t]
+        if not names or not targets:
+            report.skip(key, "label observation without a value or a derivedFrom example")
+            continue
+        for target in targets:
+            labels_by_example.setdefault(target, set()).update(n for n in names if isinstance(n, str))
+
+    mask_by_example: dict[str, tuple[str, dict[str, Any]]] = {}
+    for key, mask in masks.items():
+        reason = _validate(mask)
+        if reason:
+            report.skip(key, reason)
+            continue
+        attachment = _attachment(mask)
+        targets = [
+            _reference_id((r or {}).get("target"), ("DocumentReference", "Media"))
+            for r in mask.get("relatesTo") or []
+            if isinstance(r, dict)
+        ]
+        targets = [t for t in targets if t]
+        if attachment is None or not targets:
+            report.skip(key, "mask without an attachment or a relatesTo example")
+            continue
+        for target in targets:
+            if target in mask_by_example:
+                report.skip(key, "second mask for one example (kept the first)")
+                continue
+            mask_by_example[target] = (key, attachment)
+
+    examples: list[ExampleRecord] = []
+    for key, resource in candidates.items():
+        reason = _validate(resource)
+        if reason:
+            report.skip(key, reason)
+            continue
+        patient_ref = _reference_id(resource.get("subject"), ("Patient",))
+        if patient_ref is None:
+            report.skip(key, "no subject Patient")
+            continue
+        patient_id = patient_ref.split("/", 1)[1]
+        if patient_id not in patients:
+            report.skip(key, "unknown patient (no Patient resource in the source)")
+            continue
+        time = _example_time(resource)
+        if time is None:
+            report.skip(key, "no date (context.period.start, date or meta.lastUpdated)")
+            continue
+        attachment = _attachment(resource)
+        if attachment is None:
+            report.skip(key, "no image attachment")
+            continue
+        mask = mask_by_example.get(key)
+        meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+        examples.append(
+            ExampleRecord(
+                resource_type=resource["resourceType"],
+                id=resource["id"],
+                version=str(meta.get("versionId") or ""),
+                patient_id=patient_id,
+                time=time,
+                attachment=attachment,
+                labels=labels_by_example.get(key, set()),
+                mask=mask[1] if mask else None,
+                mask_ref=mask[0] if mask else None,
+            )
+        )
+    examples.sort(key=lambda e: (e.resource_type, e.id))
+    return CollectedRecords(patients=patients, examples=examples)

@@ -1,0 +1,79 @@
+"""pml errors → gRPC status codes with details (google.rpc.BadRequest for bad fields)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from pml.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    PmlError,
+    StepFailed,
+    Unauthenticated,
+)
+
+log = logging.getLogger(__name__)
+
+_CODES: list[tuple[type[PmlError], int]] = [
+    (InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (NotFound, code_pb2.NOT_FOUND),
+    (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (StepFailed, code_pb2.FAILED_PRECONDITION),
+    (Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (PermissionDenied, code_pb2.PERMISSION_DENIED),
+]
+
+
+def to_status(exc: PmlError) -> grpc.Status:
+    code = next((c for kind, c in _CODES if isinstance(exc, kind)), code_pb2.INTERNAL)
+    status = status_pb2.Status(code=code, message=str(exc))
+    if isinstance(exc, InvalidArgument):
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=field, description=reason)
+                    for field, reason in exc.violations
+                ]
+            )
+        )
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def grpc_errors(method: F) -> F:
+    """Abort the call with the mapped status when a pml error escapes a unary handler."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except PmlError as exc:
+            context.abort_with_status(to_status(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def grpc_stream_errors(method: F) -> F:
+    """The same for server-streaming handlers."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            yield from method(self, request, context)
+        except PmlError as exc:
+            context.abort_with_status(to_status(exc))
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,74 @@
+"""What every runtime takes and gives: a training job in the SageMaker layout, and a server."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pml.images import ResolvedImage
+
+# SageMaker's limit on the failure reason it keeps; the rest is in the log.
+FAILURE_CHARS = 1024
+
+
+@dataclass
+class TrainingJob:
+    image: ResolvedImage
+    folder: Path
+    """The trial's ``/opt/ml``: input/config, model, output live under it."""
+    channels: dict[str, Path]
+    hyperparameters: dict[str, str]
+    timeout_s: float = 3600.0
+
+    @property
+    def config_dir(self) -> Path:
+        return self.folder / "input" / "config"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.folder / "model"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.folder / "output"
+
+    def lay_out(self) -> None:
+        """Create the layout and write ``hyperparameters.json`` (values as strings)."""
+        for path in (self.config_dir, self.model_dir, self.output_dir / "data"):
+            path.mkdir(parents=True, exist_ok=True)
+        hyperparameters = {k: str(v) for k, v in self.hyperparameters.items()}
+        (self.config_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=2))
+        (self.config_dir / "inputdataconfig.json").write_text(
+            json.dumps({name: {"TrainingInputMode": "File"} for name in self.channels}, indent=2)
+        )
+
+    def failure_reason(self) -> str | None:
+        path = self.output_dir / "failure"
+        if path.is_file():
+            text = path.read_text(errors="replace")[:FAILURE_CHARS].strip()
+            return text or None
+        return None
+
+
+@dataclass
+class TrainingOutcome:
+    exit_code: int
+    timed_out: bool = False
+    stopped: bool = False
+    failure: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and not self.stopped
+
+
+class InferenceServer(Protocol):
+    endpoint: str
+    pid: int | None
+
+    def stop(self) -> None: ...
+
+    def alive(self) -> bool: ...

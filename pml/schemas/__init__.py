@@ -1,0 +1,1 @@
+"""Declared models for data that crosses a boundary (configs, FHIR conventions, messages)."""

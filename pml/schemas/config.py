@@ -1,0 +1,235 @@
+"""The model config, in the seed's camelCase JSON shape, and its validation.
+
+A bad config is rejected with every offending field path and the reason, before anything
+is saved; labels get a stable id and integer index when the model is created.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from pml.errors import InvalidArgument
+
+
+class _Camel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class ProblemType(str, Enum):
+    IMG_CLASSIFICATION = "imgClassification"
+    IMG_CLF = "imgClf"  # the short spelling some clients send; same meaning
+    IMG_SEG = "imgSeg"
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self is ProblemType.IMG_SEG
+
+
+class TrainingDataFilter(_Camel):
+    filter_type: Literal["FhirCodesFilter"] = "FhirCodesFilter"
+    codes: list[str] = Field(min_length=1)
+    """Codes to match, either ``code`` or ``system|code``."""
+
+
+class Label(_Camel):
+    name: str = Field(min_length=1, max_length=200)
+    description: str = ""
+    id: str | None = None
+    index: int | None = Field(default=None, ge=0)
+
+
+class LabelDefinition(_Camel):
+    labels: list[Label] = Field(min_length=1)
+
+
+class ProblemDefinition(_Camel):
+    problem_type: ProblemType
+    multi_label: bool = False
+    training_data_filter: TrainingDataFilter
+    label_definition: LabelDefinition
+
+
+class ParameterType(str, Enum):
+    INTEGER = "integer"
+    CONTINUOUS = "continuous"
+    CATEGORICAL = "categorical"
+
+
+class Scale(str, Enum):
+    AUTO = "auto"
+    LINEAR = "linear"
+    LOG = "log"
+    REVERSE_LOG = "reverseLog"
+
+
+class SearchParameter(_Camel):
+    name: str = Field(min_length=1)
+    type: ParameterType
+    scale: Scale = Scale.AUTO
+    min: float | None = None
+    max: float | None = None
+    values: list[str] | None = None
+
+
+class MetricDefinition(_Camel):
+    name: str = Field(min_length=1)
+    regex: str = Field(min_length=1)
+
+
+class Objective(_Camel):
+    metric: str
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        return "max" if self.direction == "maximize" else "min"
+
+
+class TrainingApproach(_Camel):
+    type: Literal["tuningJob"] = "tuningJob"
+    training_image: str = Field(min_length=1)
+    max_trials: int = Field(default=4, ge=1, le=1000)
+    max_parallel_trials: int | None = Field(default=None, ge=1)
+    strategy: Literal["random"] = "random"
+    seed: int = 0
+    search_space: list[SearchParameter] = Field(default_factory=list)
+    static_hyperparameters: dict[str, str] = Field(default_factory=dict)
+    metric_definitions: list[MetricDefinition] = Field(min_length=1)
+    objective: Objective
+    max_runtime_seconds: int = Field(default=3600, ge=1)
+
+
+class DeployApproach(_Camel):
+    type: Literal["cloud", "edge"] = "cloud"
+    inference_image: str = Field(min_length=1)
+
+
+class ModelConfig(_Camel):
+    name: str = Field(min_length=1, max_length=200)
+    description: str = ""
+    problem_definition: ProblemDefinition
+    training_approach: TrainingApproach
+    deploy_approach: DeployApproach
+    max_label_index: int | None = None
+
+    @property
+    def labels(self) -> list[Label]:
+        return self.problem_definition.label_definition.labels
+
+    def label_index(self) -> dict[str, int]:
+        """Label name → stable index (only meaningful once labels are assigned)."""
+        return {label.name: int(label.index or 0) for label in self.labels}
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(config)"
+
+
+def _semantic_violations(config: ModelConfig) -> list[tuple[str, str]]:
+    """Checks that span fields, which pydantic's per-field validation cannot express."""
+    out: list[tuple[str, str]] = []
+    names = [label.name for label in config.labels]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            out.append((f"problemDefinition.labelDefinition.labels[{i}].name", f"duplicate label name {name!r}"))
+
+    approach = config.training_approach
+    seen: set[str] = set()
+    for i, p in enumerate(approach.search_space):
+        at = f"trainingApproach.searchSpace[{i}]"
+        if p.name in seen:
+            out.append((f"{at}.name", f"duplicate hyperparameter {p.name!r}"))
+        seen.add(p.name)
+        if p.type is ParameterType.CATEGORICAL:
+            if not p.values:
+                out.append((f"{at}.values", "a categorical parameter needs at least one value"))
+            continue
+        if p.min is None or p.max is None:
+            out.append((f"{at}.min" if p.min is None else f"{at}.max", f"a {p.type.value} parameter needs min and max"))
+            continue
+        if p.min > p.max:
+            out.append((f"{at}.min", f"min ({p.min:g}) is greater than max ({p.max:g})"))
+        if p.type is ParameterType.INTEGER and (p.min != int(p.min) or p.max != int(p.max)):
+            out.append((f"{at}.min", "an integer parameter needs whole-number min and max"))
+        if p.scale is Scale.LOG and p.min <= 0:
+            out.append((f"{at}.min", "log scale needs min > 0"))
+        if p.scale is Scale.REVERSE_LOG and not (0 <= p.min < p.max < 1):
+            out.append((f"{at}.min", "reverseLog scale needs 0 <= min < max < 1"))
+    for name in approach.static_hyperparameters:
+        if name in seen:
+            out.append((f"trainingApproach.staticHyperparameters.{name}", "also in searchSpace"))
+
+    metric_names: list[str] = []
+    for i, m in enumerate(approach.metric_definitions):
+        at = f"trainingApproach.metricDefinitions[{i}]"
+        if m.name in metric_names:
+            out.append((f"{at}.name", f"duplicate metric {m.name!r}"))
+        metric_names.append(m.name)
+        try:
+            compiled = re.compile(m.regex)
+        except re.error as exc:
+            out.append((f"{at}.regex", f"not a valid regular expression: {exc}"))
+            continue
+        if compiled.groups < 1:
+            out.append((f"{at}.regex", "needs a capture group around the metric's value"))
+    if approach.objective.metric not in metric_names:
+        out.append(("trainingApproach.objective.metric", f"{approach.objective.metric!r} is not among metricDefinitions"))
+    return out
+
+
+def parse_model_config(data: Any) -> ModelConfig:
+    """Validate a config from JSON-like data; raise InvalidArgument with every violation."""
+    if not isinstance(data, dict):
+        raise InvalidArgument([("(config)", "must be a JSON object")])
+    if isinstance(data.get("trainingApproach"), dict):
+        # Objective direction is case-insensitive ("Maximize" as SageMaker spells it).
+        objective = data["trainingApproach"].get("objective")
+        if isinstance(objective, dict) and isinstance(objective.get("direction"), str):
+            objective = {**objective, "direction": objective["direction"].lower()}
+            data = {**data, "trainingApproach": {**data["trainingApproach"], "objective": objective}}
+    try:
+        config = ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidArgument([(_field_path(e["loc"]), e["msg"]) for e in exc.errors()]) from None
+    violations = _semantic_violations(config)
+    if violations:
+        raise InvalidArgument(violations)
+    return config
+
+
+def assign_labels(config: ModelConfig, previous: ModelConfig | None = None) -> ModelConfig:
+    """Give every label a stable id and index, keeping those of ``previous`` by name.
+
+    New labels take the next index above the highest ever used, so a dropped label's
+    index is never reused (``maxLabelIndex`` remembers it).
+    """
+    known = {label.name: label for label in (previous.labels if previous else [])}
+    highest = previous.max_label_index if previous and previous.max_label_index is not None else -1
+    labels: list[Label] = []
+    for label in config.labels:
+        old = known.get(label.name)
+        if old is not None:
+            labels.append(label.model_copy(update={"id": old.id, "index": old.index}))
+        else:
+            highest += 1
+            labels.append(label.model_copy(update={"id": uuid.uuid4().hex, "index": highest}))
+    highest = max([highest] + [int(label.index or 0) for label in labels])
+    problem = config.problem_definition.model_copy(
+        update={"label_definition": LabelDefinition(labels=labels)}
+    )
+    return config.model_copy(update={"problem_definition": problem, "max_label_index": highest})

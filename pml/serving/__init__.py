@@ -1,0 +1,1 @@
+"""Serving: talking to inference servers, deploying champions, predictions, artifacts."""

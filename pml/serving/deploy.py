@@ -1,0 +1,109 @@
+"""The deploy step: serve an approved champion with zero downtime.
+
+The new server starts and must pass its health check before predictions switch to it;
+only then is the old one stopped. With the process runtime a deployment lives as long as
+the worker process that started it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from sqlalchemy import select
+
+from pml import events
+from pml.app import App
+from pml.artifacts import unpack_model
+from pml.errors import PmlError
+from pml.images import resolve_image
+from pml.models import get_model
+from pml.runs import get_run
+from pml.runtimes import runtime_for
+from pml.runtimes.process import ProcessServer
+from pml.serving.client import forget
+from pml.store.tables import Deployment, utcnow
+
+log = logging.getLogger(__name__)
+HEALTH_TIMEOUT_S = 120.0
+
+# Servers this process started, by deployment id, so it can stop them when replaced.
+_servers: dict[str, ProcessServer] = {}
+
+
+def _stop(deployment_id: str, pid: int | None) -> None:
+    server = _servers.pop(deployment_id, None)
+    if server is not None:
+        server.stop()
+        forget(server.endpoint)
+    elif pid:
+        try:
+            os.killpg(pid, signal.SIGTERM)  # started by another worker on this host
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def deploy_run(app: App, account_id: str, run_id: str) -> None:
+    """Deploy an approved run's model if it is still the champion; idempotent."""
+    with app.session() as session:
+        run = get_run(session, account_id, run_id)
+        model = get_model(session, account_id, run.model_id)
+        if model.champion_run_id != run.id:
+            run.deploy_status = "SUPERSEDED"
+            return
+        serving = session.scalar(
+            select(Deployment).where(
+                Deployment.account_id == account_id, Deployment.model_id == model.id,
+                Deployment.run_id == run.id, Deployment.status == "SERVING",
+            )
+        )
+        if serving is not None and serving.id in _servers and _servers[serving.id].alive():
+            return  # a redelivered message: already serving
+        image_uri = run.config["deployApproach"]["inferenceImage"]
+        artifact = run.artifact_sha256
+        deployment = Deployment(account_id=account_id, model_id=model.id, run_id=run.id)
+        session.add(deployment)
+        run.deploy_status = "DEPLOYING"
+        session.flush()
+        deployment_id, model_id = deployment.id, model.id
+    home = app.account_home(account_id)
+    try:
+        with app.session() as session:
+            image = resolve_image(session, image_uri)
+        assert artifact is not None
+        model_dir = unpack_model(app.blobs(account_id), artifact, home / "models")
+        server = runtime_for(image.kind).start_server(image, model_dir, home / "logs" / f"deploy-{deployment_id}.log")
+        server.wait_healthy(HEALTH_TIMEOUT_S)
+    except PmlError as exc:
+        with app.session() as session:
+            row = session.get(Deployment, deployment_id)
+            assert row is not None
+            row.status, row.error, row.updated_at = "FAILED", str(exc), utcnow()
+            run = get_run(session, account_id, run_id)
+            run.deploy_status, run.deploy_error = "FAILED", str(exc)
+            events.publish(session, account_id, "deployment.failed", run_id=run_id, model_id=model_id,
+                           data={"deploymentId": deployment_id, "reason": str(exc)})
+        return
+    _servers[deployment_id] = server
+    with app.session() as session:
+        old = list(
+            session.scalars(
+                select(Deployment).where(
+                    Deployment.account_id == account_id, Deployment.model_id == model_id,
+                    Deployment.status == "SERVING",
+                )
+            )
+        )
+        for row in old:
+            row.status, row.updated_at = "STOPPED", utcnow()
+        new = session.get(Deployment, deployment_id)
+        assert new is not None
+        new.status, new.endpoint, new.pid, new.updated_at = "SERVING", server.endpoint, server.pid, utcnow()
+        run = get_run(session, account_id, run_id)
+        run.deploy_status, run.deploy_error = "DEPLOYED", None
+        events.publish(session, account_id, "deployment.serving", run_id=run_id, model_id=model_id,
+                       data={"deploymentId": deployment_id})
+        stopped = [(row.id, row.pid) for row in old]
+    for old_id, pid in stopped:  # only after the switch: no request meets a stopped server
+        _stop(old_id, pid)

@@ -1,0 +1,1 @@
+"""The SQL store: tables, engine and sessions, migrations (SQLite or PostgreSQL)."""

@@ -1,0 +1,1 @@
+"""Tuning: the search space, metrics read from logs, one trial, and the Ray Tune experiment."""

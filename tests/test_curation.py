@@ -1,0 +1,213 @@
+"""Curation: awkward records are skipped with their reason; snapshots are content-addressed."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pml.blobs import BlobStore
+from pml.curation import curate_snapshot
+from pml.demo import digits_config
+from pml.demo_data import DEMO_SYSTEM, DIGIT_NAMES, demo_digits, png_bytes
+from pml.errors import StepFailed
+from pml.fhir.bundles import ExampleSpec, PatientSpec, bundle, write_patient_bundles
+from pml.fhir.dates import parse_fhir_datetime
+from pml.schemas.config import ModelConfig, assign_labels, parse_model_config
+from pml.settings import Settings
+
+CODE = "digit-image"
+T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def config(problem_type: str = "imgClf") -> ModelConfig:
+    return assign_labels(parse_model_config(digits_config(problem_type)))
+
+
+def write_good(folder: Path, n: int = 200, patients: int = 20) -> None:
+    digits = demo_digits()[:n]
+    specs = [PatientSpec(f"p{k:02d}", "female", "1970-01-01") for k in range(patients)]
+    examples = [
+        ExampleSpec(
+            id=f"d{d.index}", patient_id=f"p{d.index * patients // n:02d}", time=T0 + dt.timedelta(days=d.index),
+            image=png_bytes(d), code_system=DEMO_SYSTEM, code=CODE, labels=[DIGIT_NAMES[d.digit]],
+        )
+        for d in digits
+    ]
+    write_patient_bundles(folder, specs, examples)
+
+
+def doc(rid: str, **extra: object) -> dict:
+    base = {
+        "resourceType": "DocumentReference", "id": rid, "status": "current",
+        "type": {"coding": [{"system": DEMO_SYSTEM, "code": CODE}]},
+        "subject": {"reference": "Patient/p00"}, "date": "2023-06-01T00:00:00Z",
+        "content": [{"attachment": {"contentType": "image/png", "data": base64.b64encode(png_bytes(demo_digits()[0])).decode()}}],
+    }
+    base.update(extra)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def label(rid: str, target: str, name: str = "zero", status: str = "final") -> dict:
+    return {
+        "resourceType": "Observation", "id": rid, "status": status,
+        "code": {"coding": [{"system": "urn:pml:label", "code": "label"}]},
+        "derivedFrom": [{"reference": f"DocumentReference/{target}"}],
+        "valueCodeableConcept": {"coding": [{"code": name}]},
+    }
+
+
+def curate(folder: Path, tmp_path: Path, problem: str = "imgClf"):  # type: ignore[no-untyped-def]
+    settings = Settings(home=tmp_path / "home")
+    blobs = BlobStore(tmp_path / "blobs")
+    return curate_snapshot({"type": "folder", "path": str(folder)}, config(problem), blobs, settings), blobs
+
+
+@pytest.fixture
+def awkward(tmp_path: Path) -> Path:
+    folder = tmp_path / "fhir"
+    write_good(folder)
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes(demo_digits()[1]))
+    os.symlink(outside, folder / "link.png")
+    records = [
+        doc("no-subject", subject=None), label("l-no-subject", "no-subject"),
+        doc("unknown-patient", subject={"reference": "Patient/nobody"}), label("l-unknown", "unknown-patient"),
+        doc("no-image", content=[{"attachment": {"contentType": "image/png"}}]), label("l-no-image", "no-image"),
+        doc("text", content=[{"attachment": {"contentType": "text/plain", "data": "aGk="}}]), label("l-text", "text"),
+        doc("garbage", content=[{"attachment": {"contentType": "image/png", "data": base64.b64encode(b"not a png").decode()}}]),
+        label("l-garbage", "garbage"),
+        doc("escape", content=[{"attachment": {"contentType": "image/png", "url": "../outside.png"}}]), label("l-escape", "escape"),
+        doc("symlink", content=[{"attachment": {"contentType": "image/png", "url": "link.png"}}]), label("l-symlink", "symlink"),
+        doc("file-url", content=[{"attachment": {"contentType": "image/png", "url": "file:///etc/hostname"}}]),
+        label("l-file-url", "file-url"),
+        doc("http-url", content=[{"attachment": {"contentType": "image/png", "url": "http://example.org/a.png"}}]),
+        label("l-http", "http-url"),
+        doc("strange-label"), label("l-strange", "strange-label", name="eleven"),
+        doc("unlabelled"),
+        doc("draft-label"), label("l-draft", "draft-label", status="preliminary"),
+        doc("two-labels"), label("l-two-a", "two-labels", "one"), label("l-two-b", "two-labels", "two"),
+        doc("no-date", date=None), label("l-no-date", "no-date"),
+        doc("bad-type", subject="Patient/p00"),
+        {"resourceType": "Observation"},
+    ]
+    (folder / "nested" / "deeper" / "awkward.json").write_text(json.dumps(bundle([r for r in records if "id" in r])))
+    ndjson = [json.dumps(r) for r in (doc("dup", meta={"versionId": "1"}), label("l-dup", "dup", "one"))]
+    ndjson += ["{broken", json.dumps({"no": "resourceType"})]
+    ndjson += [json.dumps(doc("dup", meta={"versionId": "2"}))]
+    with gzip.open(folder / "nested" / "export.ndjson.gz", "wt") as handle:
+        handle.write("\n".join(ndjson) + "\n")
+    (folder / "broken.json").write_text("[1, 2")
+    (folder / "bundle-without-resource.json").write_text(json.dumps({"resourceType": "Bundle", "entry": [{"fullUrl": "x"}]}))
+    return folder
+
+
+def test_awkward_records_are_skipped_with_their_reason(awkward: Path, tmp_path: Path) -> None:
+    result, _ = curate(awkward, tmp_path)
+    skipped = result.report.to_json()["skipped"]
+    records = result.report.to_json()["skippedRecords"]
+    expected = {
+        "no subject Patient": "DocumentReference/no-subject",
+        "unknown patient (no Patient resource in the source)": "DocumentReference/unknown-patient",
+        "attachment has neither data nor url": "DocumentReference/no-image",
+        "content type 'text/plain' is not image/png or image/jpeg": "DocumentReference/text",
+        "image cannot be decoded": "DocumentReference/garbage",
+        "attachment URL points outside the source folder": "DocumentReference/escape",
+        "attachment URL scheme 'http' is not allowed": "DocumentReference/http-url",
+        "label not among the config's labels": "DocumentReference/strange-label",
+        "no label": "DocumentReference/unlabelled",
+        "label observation is not final": "Observation/l-draft",
+        "several labels for a single-label problem": "DocumentReference/two-labels",
+        "no date (context.period.start, date or meta.lastUpdated)": "DocumentReference/no-date",
+        "duplicate resource (kept the latest version)": "DocumentReference/dup",
+        "invalid JSON line": "nested/export.ndjson.gz:3",
+        "not a FHIR resource (no resourceType)": "nested/export.ndjson.gz:4",
+        "invalid JSON": "broken.json",
+        "bundle entry without a resource": "bundle-without-resource.json#entry[0]",
+    }
+    for reason, record in expected.items():
+        assert reason in skipped, f"{reason!r} not reported; got {skipped}"
+        assert record in records[reason], (reason, records[reason])
+    # symlink and file:// escapes are the same confinement reason
+    assert "DocumentReference/symlink" in records["attachment URL points outside the source folder"]
+    assert "DocumentReference/file-url" in records["attachment URL points outside the source folder"]
+    assert any(r.startswith("invalid DocumentReference: subject") for r in skipped), skipped
+    assert result.report.examples == 201, "every good record is kept (200 + the latest \"dup\")"
+
+
+def test_duplicate_keeps_the_latest_version(awkward: Path, tmp_path: Path) -> None:
+    result, _ = curate(awkward, tmp_path)
+    # version 2 of "dup" has no label of its own resource, but the label points at the id
+    dup = [e for e in result.manifest.examples if e.id == "dup"]
+    assert len(dup) == 1 and dup[0].version == "2"
+
+
+def test_same_data_gives_the_same_snapshot_and_stores_nothing_new(tmp_path: Path) -> None:
+    folder = tmp_path / "fhir"
+    write_good(folder)
+    first, blobs = curate(folder, tmp_path)
+    files = sorted(p for p in blobs.root.rglob("*") if p.is_file())
+    second, _ = curate(folder, tmp_path)
+    assert first.manifest.snapshot_id() == second.manifest.snapshot_id()
+    assert sorted(p for p in blobs.root.rglob("*") if p.is_file()) == files
+    assert all(not os.access(p, os.W_OK) or os.geteuid() == 0 for p in files)
+    assert all((p.stat().st_mode & 0o222) == 0 for p in files), "blobs are read-only"
+
+
+def test_changed_label_changes_the_snapshot_id(tmp_path: Path) -> None:
+    folder = tmp_path / "fhir"
+    write_good(folder)
+    first, _ = curate(folder, tmp_path)
+    path = folder / "p00.json"
+    data = json.loads(path.read_text())
+    obs = next(e["resource"] for e in data["entry"] if e["resource"]["resourceType"] == "Observation")
+    obs["valueCodeableConcept"]["coding"][0]["code"] = "nine" if obs["valueCodeableConcept"]["coding"][0]["code"] != "nine" else "one"
+    path.write_text(json.dumps(data))
+    second, _ = curate(folder, tmp_path)
+    assert first.manifest.snapshot_id() != second.manifest.snapshot_id()
+
+
+def test_unusable_snapshot_fails_with_what_was_skipped(tmp_path: Path) -> None:
+    folder = tmp_path / "fhir"
+    folder.mkdir()
+    (folder / "only.json").write_text(json.dumps(bundle([doc("lonely"), label("l", "lonely")])))
+    with pytest.raises(StepFailed, match=r"no usable examples.*unknown patient"):
+        curate(folder, tmp_path)
+
+
+def test_label_missing_from_training_fails_the_snapshot(tmp_path: Path) -> None:
+    folder = tmp_path / "fhir"
+    image = png_bytes(demo_digits()[0])
+    specs = [PatientSpec(f"p{k}", "male", "1960-01-01") for k in range(10)]
+    examples = [  # "nine" only for the newest patient, who lands in test
+        ExampleSpec(
+            id=f"e{i}", patient_id=f"p{i // 10}", time=T0 + dt.timedelta(days=i), image=image,
+            code_system=DEMO_SYSTEM, code=CODE, labels=["nine" if i >= 90 else DIGIT_NAMES[i % 9]],
+        )
+        for i in range(100)
+    ]
+    write_patient_bundles(folder, specs, examples)
+    with pytest.raises(StepFailed, match="labels with no training example: nine"):
+        curate(folder, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2020", "2020-01-01T00:00:00+00:00"),
+        ("2020-05", "2020-05-01T00:00:00+00:00"),
+        ("2020-05-06", "2020-05-06T00:00:00+00:00"),
+        ("2020-05-06T10:00:00Z", "2020-05-06T10:00:00+00:00"),
+        ("2020-05-06T10:00:00+02:00", "2020-05-06T08:00:00+00:00"),
+        ("2020-05-06T10:00:00", "2020-05-06T10:00:00+00:00"),
+    ],
+)
+def test_fhir_dates_of_any_precision(value: str, expected: str) -> None:
+    parsed = parse_fhir_datetime(value)
+    assert parsed is not None and parsed.isoformat() == expected
