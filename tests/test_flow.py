@@ -110,7 +110,7 @@ def test_bad_records_are_skipped_and_counted_not_fatal(flow: dict[str, Any]) -> 
     report = json.loads(flow["first"].curation_report_json)
     skipped = report["skipped"]
     assert skipped.get("invalid JSON") == 1, skipped
-    assert skipped.get("inline data is not valid base64") == 1, skipped
+    assert skipped.get("invalid DocumentReference: content.0.attachment.data (base64_decode)") == 1, skipped
     assert skipped.get("attachment URL points outside the source folder") == 1, skipped
     assert report["examples"] == 1797
 

@@ -141,6 +141,8 @@ def open_image(data):
     try:
         img = Image.open(source, formats=IMAGE_FORMATS)
         img.load()
+    except Image.DecompressionBombError:
+        raise UserError("image has too many pixels") from None
     except Exception:  # PIL raises many types for bad input; all mean the same to us
         raise UserError("image is not a readable PNG/JPEG") from None
     return img
@@ -197,7 +199,8 @@ def pixel_features(img, settings):
 
 
 def read_mask(path, size, where):
-    """A mask as an integer array; it must match its image's (width, height)."""
+    """A mask as a uint8 array (values above 255 clipped); it must match its image's
+    (width, height)."""
     try:
         m = Image.open(path, formats=("PNG",))
         m.load()
@@ -207,7 +210,7 @@ def read_mask(path, size, where):
         raise UserError(f"{where}: mask is {m.size[0]}x{m.size[1]} but its image is "
                         f"{size[0]}x{size[1]}; they must be the same size.")
     a = np.asarray(m)
-    return (a[:, :, 0] if a.ndim == 3 else a).astype(np.int64)
+    return np.minimum(a[:, :, 0] if a.ndim == 3 else a, 255).astype(np.uint8)
 
 
 def encode_png_b64(mask):
@@ -223,7 +226,10 @@ def class_probabilities(model, meta, X):
     """(n, n_labels) probabilities; independent per label when multi-label."""
     if model["classifier"] is None:  # a single-label segmentation dataset with one class
         return np.ones((len(X), 1))
-    return model["classifier"].predict_proba(model["scaler"].transform(X))
+    p = model["classifier"].predict_proba(model["scaler"].transform(X))
+    if meta["multiLabel"] and len(meta["labels"]) == 1:
+        p = p[:, 1:]  # trained as plain binary: keep P(label present)
+    return p
 
 
 def foreground(model, P):

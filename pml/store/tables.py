@@ -75,7 +75,7 @@ class Run(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text, default=None)
     snapshot_id: Mapped[str | None] = mapped_column(String(64), default=None)
     curation_report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
-    challenger_trial_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    challenger_trial_id: Mapped[str | None] = mapped_column(String(64), default=None)
     artifact_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     champion_run_id: Mapped[str | None] = mapped_column(String(32), default=None)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)

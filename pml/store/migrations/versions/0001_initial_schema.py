@@ -105,7 +105,7 @@ def upgrade() -> None:
     sa.Column('failure_reason', sa.Text(), nullable=True),
     sa.Column('snapshot_id', sa.String(length=64), nullable=True),
     sa.Column('curation_report', sa.JSON(), nullable=True),
-    sa.Column('challenger_trial_id', sa.String(length=32), nullable=True),
+    sa.Column('challenger_trial_id', sa.String(length=64), nullable=True),
     sa.Column('artifact_sha256', sa.String(length=64), nullable=True),
     sa.Column('champion_run_id', sa.String(length=32), nullable=True),
     sa.Column('metrics', sa.JSON(), nullable=True),
