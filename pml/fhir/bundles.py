@@ -34,6 +34,8 @@ class ExampleSpec:
     labels: list[str] = field(default_factory=list)
     mask: bytes | None = None
     content_type: str = "image/png"
+    image_url: str | None = None
+    """Attach the image by this URL (relative to the source folder) instead of inline bytes."""
 
 
 def patient_resource(patient: PatientSpec) -> dict[str, Any]:
@@ -47,6 +49,10 @@ def _attachment(data: bytes, content_type: str) -> dict[str, Any]:
 def example_resources(example: ExampleSpec) -> list[dict[str, Any]]:
     when = example.time.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
     ref = f"DocumentReference/{example.id}"
+    if example.image_url:
+        image = {"contentType": example.content_type, "url": example.image_url}
+    else:
+        image = _attachment(example.image, example.content_type)
     out: list[dict[str, Any]] = [
         {
             "resourceType": "DocumentReference",
@@ -56,7 +62,7 @@ def example_resources(example: ExampleSpec) -> list[dict[str, Any]]:
             "type": {"coding": [{"system": example.code_system, "code": example.code}]},
             "subject": {"reference": f"Patient/{example.patient_id}"},
             "date": when,
-            "content": [{"attachment": _attachment(example.image, example.content_type)}],
+            "content": [{"attachment": image}],
             "context": {"period": {"start": when}},
         }
     ]
