@@ -36,23 +36,33 @@ log = logging.getLogger(__name__)
 _ray_lock = threading.Lock()
 
 
-def ensure_ray(settings: Settings) -> None:
-    """Start (or join) Ray once per process."""
+def ensure_ray(settings: Settings, attempts: int = 3) -> None:
+    """Start (or join) Ray once per process.
+
+    A local Ray's first start sometimes times out waiting for its GCS on a busy machine
+    (seen here); a second start then works, so a few attempts are made before giving up.
+    """
     import ray
 
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     with _ray_lock:
-        if ray.is_initialized():
-            return
-        os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        ray.init(
-            address=settings.ray_address,
-            num_cpus=None if settings.ray_address else settings.ray_num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            ignore_reinit_error=True,
-        )
+        for attempt in range(1, attempts + 1):
+            if ray.is_initialized():
+                return
+            try:
+                ray.init(
+                    address=settings.ray_address,
+                    num_cpus=None if settings.ray_address else settings.ray_num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+                return
+            except (RuntimeError, ConnectionError, TimeoutError) as exc:
+                log.warning("starting Ray failed (attempt %d of %d): %s", attempt, attempts, exc)
+                ray.shutdown()
+                if attempt == attempts:
+                    raise
 
 
 def shutdown_ray() -> None:
