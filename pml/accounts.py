@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from urllib.parse import urlparse
 from typing import Any
 
 from sqlalchemy import select
@@ -23,13 +24,45 @@ def _hash_key(key: str) -> str:
 
 
 def check_fhir_source(source: dict[str, Any]) -> dict[str, Any]:
-    """Validate an account's FHIR source setting: ``{"type": "folder", "path": ...}``."""
+    """Validate an account's FHIR source setting; the checked copy is what gets stored.
+
+    - ``{"type": "folder", "path": "/data/fhir"}``
+    - ``{"type": "server", "baseUrl": "https://fhir.example/r4", "token": "...",
+      "mode": "search" | "bulk", "pageSize": 100}``
+
+    Both take ``attachmentHosts``: hosts that http(s) attachment URLs may reach.
+    """
     kind = source.get("type")
-    if kind not in ("folder",):
-        raise InvalidArgument([("fhirSource.type", f"unsupported source type {kind!r}; expected 'folder'")])
-    if not isinstance(source.get("path"), str) or not source["path"]:
-        raise InvalidArgument([("fhirSource.path", "a folder source needs a path")])
-    return {"type": kind, "path": source["path"]}
+    hosts = source.get("attachmentHosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise InvalidArgument([("fhirSource.attachmentHosts", "must be a list of host names")])
+    if kind == "folder":
+        if not isinstance(source.get("path"), str) or not source["path"]:
+            raise InvalidArgument([("fhirSource.path", "a folder source needs a path")])
+        return {"type": kind, "path": source["path"], "attachmentHosts": hosts}
+    if kind == "server":
+        base = source.get("baseUrl")
+        if not isinstance(base, str) or urlparse(base).scheme not in ("http", "https") or not urlparse(base).netloc:
+            raise InvalidArgument([("fhirSource.baseUrl", "a server source needs an http(s) base URL")])
+        mode = source.get("mode", "search")
+        if mode not in ("search", "bulk"):
+            raise InvalidArgument([("fhirSource.mode", "must be 'search' or 'bulk'")])
+        page_size = source.get("pageSize", 100)
+        if not isinstance(page_size, int) or not 1 <= page_size <= 1000:
+            raise InvalidArgument([("fhirSource.pageSize", "must be an integer from 1 to 1000")])
+        token = source.get("token")
+        if token is not None and not isinstance(token, str):
+            raise InvalidArgument([("fhirSource.token", "must be a string")])
+        out = {"type": kind, "baseUrl": base, "mode": mode, "pageSize": page_size, "attachmentHosts": hosts}
+        if token:
+            out["token"] = token
+        return out
+    raise InvalidArgument([("fhirSource.type", f"unsupported source type {kind!r}; expected 'folder' or 'server'")])
+
+
+def public_fhir_source(source: dict[str, Any]) -> dict[str, Any]:
+    """The setting as shown through the API: the token never leaves the store."""
+    return {k: ("***" if k == "token" else v) for k, v in source.items()}
 
 
 def create_account(session: Session, account_id: str, name: str, fhir_source: dict[str, Any]) -> Account:

@@ -7,6 +7,7 @@ fails only when the snapshot would be unusable, and the reason says what was ski
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -26,8 +27,8 @@ from pml.datasets.snapshot import (
 )
 from pml.datasets.splits import SplitPolicy
 from pml.errors import NotFound
-from pml.fhir.attachments import AttachmentError, attachment_bytes
-from pml.fhir.records import collect_records
+from pml.fhir.attachments import attachment_bytes
+from pml.fhir.records import StoredImage, collect_records
 from pml.fhir.report import CurationReport
 from pml.fhir.sources import open_source
 from pml.runs import RunStatus, get_run, run_step, set_status
@@ -42,15 +43,40 @@ class CurationResult:
     report: CurationReport
 
 
+class BlobIntake:
+    """Checks each attachment and writes it to the account's blob store as it is met."""
+
+    def __init__(self, blobs: BlobStore, root: Path | None, settings: Settings, allowed_hosts: frozenset[str]):
+        self.blobs, self.root, self.settings, self.allowed_hosts = blobs, root, settings, allowed_hosts
+
+    def _bytes(self, attachment: dict[str, Any]) -> tuple[bytes, str]:
+        return attachment_bytes(attachment, self.root, self.settings.max_image_bytes, self.allowed_hosts)
+
+    def image(self, attachment: dict[str, Any]) -> StoredImage:
+        data, content_type = self._bytes(attachment)
+        info = check_image(data, self.settings.max_image_pixels)
+        return StoredImage(self.blobs.put(data), content_type, info.width, info.height)
+
+    def mask(self, attachment: dict[str, Any]) -> StoredImage:
+        data, content_type = self._bytes(attachment)
+        if content_type != "image/png":
+            raise ImageError("mask is not a PNG")
+        check_image(data, self.settings.max_image_pixels)
+        width, height, values = mask_values(data)
+        return StoredImage(self.blobs.put(data), content_type, width, height, frozenset(values))
+
+
 def curate_snapshot(
     source_config: dict[str, Any], config: ModelConfig, blobs: BlobStore, settings: Settings,
     policy: SplitPolicy | None = None,
 ) -> CurationResult:
     """Read the source, keep the usable examples, store their files and build the manifest."""
     report = CurationReport()
-    source = open_source(source_config)
     problem = config.problem_definition
-    records = collect_records(source.resources(report), problem.training_data_filter.codes, report)
+    source = open_source(source_config, problem.training_data_filter.codes)
+    allowed = frozenset(h.lower() for h in source_config.get("attachmentHosts") or [])
+    intake = BlobIntake(blobs, source.root, settings, allowed)
+    records = collect_records(source.resources(report), problem.training_data_filter.codes, report, intake)
     label_index = config.label_index()
     index_to_name = {index + 1: name for name, index in label_index.items()}
     segmentation = problem.problem_type.is_segmentation
@@ -58,38 +84,23 @@ def curate_snapshot(
     examples: list[dict[str, Any]] = []
     for record in records.examples:
         key = f"{record.resource_type}/{record.id}"
-        try:
-            data, content_type = attachment_bytes(record.attachment, source.root, settings.max_image_bytes)
-            info = check_image(data, settings.max_image_pixels)
-        except (AttachmentError, ImageError) as exc:
-            report.skip(key, str(exc))
-            continue
         unknown = sorted(record.labels - label_index.keys())
         if unknown:
             report.skip(key, "label not among the config's labels")
             continue
-        mask_sha = None
         labels = sorted(record.labels)
+        mask = record.mask
         if segmentation:
-            if record.mask is None:
+            if mask is None:
                 report.skip(key, "no segmentation mask")
                 continue
-            try:
-                mask_data, mask_type = attachment_bytes(record.mask, source.root, settings.max_image_bytes)
-                if mask_type != "image/png":
-                    raise ImageError("mask is not a PNG")
-                width, height, values = mask_values(mask_data)
-            except (AttachmentError, ImageError) as exc:
-                report.skip(key, f"mask: {exc}")
-                continue
-            if (width, height) != (info.width, info.height):
+            if (mask.width, mask.height) != (record.image.width, record.image.height):
                 report.skip(key, "mask size differs from its image")
                 continue
-            if values - {0} - index_to_name.keys():
+            if mask.values - {0} - index_to_name.keys():
                 report.skip(key, "mask has pixel values that are not label index + 1")
                 continue
-            labels = sorted(index_to_name[v] for v in values if v)
-            mask_sha = blobs.put(mask_data)
+            labels = sorted(index_to_name[v] for v in mask.values if v)
         else:
             if not labels:
                 report.skip(key, "no label")
@@ -105,9 +116,9 @@ def curate_snapshot(
                 "patient": record.patient_id,
                 "time": record.time.isoformat(),
                 "_time": record.time,
-                "image": blobs.put(data),
-                "image_type": content_type,
-                "mask": mask_sha,
+                "image": record.image.sha256,
+                "image_type": record.image.content_type,
+                "mask": mask.sha256 if segmentation and mask else None,
                 "labels": labels,
             }
         )

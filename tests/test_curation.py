@@ -119,7 +119,7 @@ def test_awkward_records_are_skipped_with_their_reason(awkward: Path, tmp_path: 
         "content type 'text/plain' is not image/png or image/jpeg": "DocumentReference/text",
         "image cannot be decoded": "DocumentReference/garbage",
         "attachment URL points outside the source folder": "DocumentReference/escape",
-        "attachment URL scheme 'http' is not allowed": "DocumentReference/http-url",
+        "attachment host 'example.org' is not on the account's allow-list": "DocumentReference/http-url",
         "label not among the config's labels": "DocumentReference/strange-label",
         "no label": "DocumentReference/unlabelled",
         "label observation is not final": "Observation/l-draft",

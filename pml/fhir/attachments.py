@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import httpx
+
 IMAGE_TYPES = {"image/png", "image/jpeg"}
 
 
@@ -33,8 +35,33 @@ def confined_path(root: Path, url: str) -> Path:
     return resolved
 
 
-def attachment_bytes(attachment: dict[str, Any], root: Path | None, max_bytes: int) -> tuple[bytes, str]:
-    """The attachment's bytes and content type; AttachmentError says why it cannot be used."""
+def fetch_http(url: str, allowed_hosts: frozenset[str], max_bytes: int) -> bytes:
+    """Download an http(s) attachment from a host on the account's allow-list, size-capped."""
+    host = (urlparse(url).hostname or "").lower()
+    if host not in allowed_hosts:
+        raise AttachmentError(f"attachment host {host or '(none)'!r} is not on the account's allow-list")
+    try:
+        with httpx.stream("GET", url, timeout=30.0, follow_redirects=False) as response:
+            if response.status_code != 200:
+                raise AttachmentError(f"attachment URL answered HTTP {response.status_code}")
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise AttachmentError("attachment file is larger than the limit")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.HTTPError as exc:
+        raise AttachmentError(f"attachment URL could not be fetched ({type(exc).__name__})") from None
+
+
+def attachment_bytes(
+    attachment: dict[str, Any], root: Path | None, max_bytes: int, allowed_hosts: frozenset[str] = frozenset()
+) -> tuple[bytes, str]:
+    """The attachment's bytes and content type; AttachmentError says why it cannot be used.
+
+    Relative and ``file:`` URLs stay under ``root``; http(s) URLs only reach allowed hosts.
+    """
     content_type = str(attachment.get("contentType") or "").split(";")[0].strip().lower()
     if content_type not in IMAGE_TYPES:
         raise AttachmentError(f"content type {content_type or '(none)'!r} is not image/png or image/jpeg")
@@ -49,6 +76,8 @@ def attachment_bytes(attachment: dict[str, Any], root: Path | None, max_bytes: i
     url = attachment.get("url")
     if not isinstance(url, str) or not url:
         raise AttachmentError("attachment has neither data nor url")
+    if urlparse(url).scheme in ("http", "https"):
+        return fetch_http(url, allowed_hosts, max_bytes), content_type
     if root is None:
         raise AttachmentError("this source allows no attachment URLs")
     path = confined_path(root, url)

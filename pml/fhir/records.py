@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 from pydantic import ValidationError
 
@@ -27,6 +27,7 @@ LABEL_SYSTEM = "urn:pml:label"
 LABEL_CODE = "label"
 MASK_CODE = "mask"
 FINAL_STATUSES = {"final", "amended", "corrected"}
+RELEVANT = frozenset({"Patient", "DocumentReference", "Media", "Observation"})
 
 
 @dataclass
@@ -35,19 +36,37 @@ class PatientInfo:
     birth_date: str | None = None
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """An attachment already decoded, checked and written to the blob store."""
+
+    sha256: str
+    content_type: str
+    width: int
+    height: int
+    values: frozenset[int] = frozenset()  # pixel values, for masks
+
+
+class AttachmentIntake(Protocol):
+    """Turns an attachment into a stored image; raises ValueError with the reason."""
+
+    def image(self, attachment: dict[str, Any]) -> StoredImage: ...
+
+    def mask(self, attachment: dict[str, Any]) -> StoredImage: ...
+
+
 @dataclass
 class ExampleRecord:
-    """An example's resource, before its image is decoded."""
+    """An example whose image is stored; only ids, times and hashes are kept in memory."""
 
     resource_type: str
     id: str
     version: str
     patient_id: str
     time: dt.datetime
-    attachment: dict[str, Any]
+    image: StoredImage
     labels: set[str] = field(default_factory=set)
-    mask: dict[str, Any] | None = None  # the mask's attachment
-    mask_ref: str | None = None
+    mask: StoredImage | None = None
 
 
 @dataclass
@@ -145,35 +164,118 @@ def _attachment(resource: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def collect_records(
-    stream: Iterable[RawResource], codes: list[str], report: CurationReport
-) -> CollectedRecords:
-    """Pass once over the source and gather patients, examples, labels and masks.
+class _Latest:
+    """Which version of each resource wins: the highest ``meta.versionId``/``lastUpdated``.
 
-    Duplicates of one resource keep the latest ``meta.versionId`` / ``meta.lastUpdated``.
+    A version older than one already seen is skipped unprocessed, so duplicates cost little.
+    """
+
+    def __init__(self, report: CurationReport):
+        self.report = report
+        self.best: dict[str, tuple[int, str]] = {}
+
+    def newer(self, key: str, resource: dict[str, Any]) -> bool:
+        version = _version_key(resource)
+        old = self.best.get(key)
+        if old is not None:
+            self.report.skip(key, "duplicate resource (kept the latest version)")
+            if version < old:
+                return False
+        self.best[key] = version
+        return True
+
+
+def _example(resource: dict[str, Any], key: str, intake: AttachmentIntake, report: CurationReport) -> ExampleRecord | None:
+    reason = _validate(resource)
+    if reason:
+        report.skip(key, reason)
+        return None
+    patient_ref = _reference_id(resource.get("subject"), ("Patient",))
+    if patient_ref is None:
+        report.skip(key, "no subject Patient")
+        return None
+    time = _example_time(resource)
+    if time is None:
+        report.skip(key, "no date (context.period.start, date or meta.lastUpdated)")
+        return None
+    attachment = _attachment(resource)
+    if attachment is None:
+        report.skip(key, "no image attachment")
+        return None
+    try:
+        image = intake.image(attachment)
+    except ValueError as exc:
+        report.skip(key, str(exc))
+        return None
+    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+    return ExampleRecord(
+        resource_type=resource["resourceType"], id=resource["id"], version=str(meta.get("versionId") or ""),
+        patient_id=patient_ref.split("/", 1)[1], time=time, image=image,
+    )
+
+
+def _mask(resource: dict[str, Any], key: str, intake: AttachmentIntake, report: CurationReport) -> tuple[list[str], StoredImage] | None:
+    reason = _validate(resource)
+    if reason:
+        report.skip(key, reason)
+        return None
+    attachment = _attachment(resource)
+    targets = [
+        _reference_id((r or {}).get("target"), ("DocumentReference", "Media"))
+        for r in resource.get("relatesTo") or []
+        if isinstance(r, dict)
+    ]
+    targets = [t for t in targets if t]
+    if attachment is None or not targets:
+        report.skip(key, "mask without an attachment or a relatesTo example")
+        return None
+    try:
+        return targets, intake.mask(attachment)
+    except ValueError as exc:
+        report.skip(key, f"mask: {exc}")
+        return None
+
+
+def _labels(obs: dict[str, Any], key: str, report: CurationReport) -> tuple[list[str], set[str]] | None:
+    reason = _validate(obs)
+    if reason:
+        report.skip(key, reason)
+        return None
+    if obs.get("status") not in FINAL_STATUSES:
+        report.skip(key, "label observation is not final")
+        return None
+    names = {c.get("code") for c in _codings(obs, "valueCodeableConcept") if isinstance(c.get("code"), str)}
+    targets = [_reference_id(r, ("DocumentReference", "Media")) for r in obs.get("derivedFrom") or []]
+    targets = [t for t in targets if t]
+    if not names or not targets:
+        report.skip(key, "label observation without a value or a derivedFrom example")
+        return None
+    return targets, names  # type: ignore[return-value]
+
+
+def collect_records(
+    stream: Iterable[RawResource], codes: list[str], report: CurationReport, intake: AttachmentIntake
+) -> CollectedRecords:
+    """Pass once over the source; images go to the blob store as they are met.
+
+    Memory holds ids, times and hashes only, so it stays flat however large the images.
+    Filtering happens on the parsed JSON first: only the resources that matter are
+    validated with fhir.resources.
     """
     code_set = set(codes)
+    latest = _Latest(report)
     patients: dict[str, PatientInfo] = {}
-    candidates: dict[str, dict[str, Any]] = {}
-    observations: dict[str, dict[str, Any]] = {}
-    masks: dict[str, dict[str, Any]] = {}
-
-    def keep_latest(bucket: dict[str, dict[str, Any]], key: str, resource: dict[str, Any]) -> None:
-        old = bucket.get(key)
-        if old is None:
-            bucket[key] = resource
-            return
-        report.skip(key, "duplicate resource (kept the latest version)")
-        if _version_key(resource) >= _version_key(old):
-            bucket[key] = resource
+    examples: dict[str, ExampleRecord] = {}
+    labels: dict[str, tuple[list[str], set[str]]] = {}
+    masks: dict[str, tuple[list[str], StoredImage]] = {}
 
     for raw in stream:
         report.resources_read += 1
         resource = raw.resource
         kind = resource["resourceType"]
-        rid = resource.get("id")
-        if kind not in ("Patient", "DocumentReference", "Media", "Observation"):
+        if kind not in RELEVANT:
             continue
+        rid = resource.get("id")
         if not isinstance(rid, str) or not rid:
             if kind != "Patient" and _matches(_codings(resource, "type", "code", "category"), code_set):
                 report.skip(raw.origin, f"{kind} without an id")
@@ -182,89 +284,41 @@ def collect_records(
         if kind == "Patient":
             patients[rid] = PatientInfo(gender=resource.get("gender"), birth_date=resource.get("birthDate"))
         elif kind == "Observation":
-            if _is_label(resource, LABEL_CODE):
-                keep_latest(observations, key, resource)
+            if _is_label(resource, LABEL_CODE) and latest.newer(key, resource):
+                labels.pop(key, None)
+                found = _labels(resource, key, report)
+                if found:
+                    labels[key] = found
         elif _is_label(resource, MASK_CODE):
-            keep_latest(masks, key, resource)
-        elif _matches(_codings(resource, "type", "code", "category"), code_set):
-            keep_latest(candidates, key, resource)
+            if latest.newer(key, resource):
+                masks.pop(key, None)
+                mask = _mask(resource, key, intake, report)
+                if mask:
+                    masks[key] = mask
+        elif _matches(_codings(resource, "type", "code", "category"), code_set) and latest.newer(key, resource):
+            examples.pop(key, None)
+            example = _example(resource, key, intake, report)
+            if example:
+                examples[key] = example
 
-    labels_by_example: dict[str, set[str]] = {}
-    for key, obs in observations.items():
-        reason = _validate(obs)
-        if reason:
-            report.skip(key, reason)
-            continue
-        if obs.get("status") not in FINAL_STATUSES:
-            report.skip(key, "label observation is not final")
-            continue
-        names = {c.get("code") for c in _codings(obs, "valueCodeableConcept") if c.get("code")}
-        targets = [_reference_id(r, ("DocumentReference", "Media")) for r in obs.get("derivedFrom") or []]
-        targets = [t for t in targets if t]
-        if not names or not targets:
-            report.skip(key, "label observation without a value or a derivedFrom example")
-            continue
+    for targets, names in labels.values():
         for target in targets:
-            labels_by_example.setdefault(target, set()).update(n for n in names if isinstance(n, str))
-
-    mask_by_example: dict[str, tuple[str, dict[str, Any]]] = {}
-    for key, mask in masks.items():
-        reason = _validate(mask)
-        if reason:
-            report.skip(key, reason)
-            continue
-        attachment = _attachment(mask)
-        targets = [
-            _reference_id((r or {}).get("target"), ("DocumentReference", "Media"))
-            for r in mask.get("relatesTo") or []
-            if isinstance(r, dict)
-        ]
-        targets = [t for t in targets if t]
-        if attachment is None or not targets:
-            report.skip(key, "mask without an attachment or a relatesTo example")
-            continue
+            if target in examples:
+                examples[target].labels.update(names)
+    for key, (targets, mask) in sorted(masks.items()):
         for target in targets:
-            if target in mask_by_example:
+            example = examples.get(target)
+            if example is None:
+                continue
+            if example.mask is not None:
                 report.skip(key, "second mask for one example (kept the first)")
                 continue
-            mask_by_example[target] = (key, attachment)
+            example.mask = mask
 
-    examples: list[ExampleRecord] = []
-    for key, resource in candidates.items():
-        reason = _validate(resource)
-        if reason:
-            report.skip(key, reason)
-            continue
-        patient_ref = _reference_id(resource.get("subject"), ("Patient",))
-        if patient_ref is None:
-            report.skip(key, "no subject Patient")
-            continue
-        patient_id = patient_ref.split("/", 1)[1]
-        if patient_id not in patients:
+    kept: list[ExampleRecord] = []
+    for key, example in sorted(examples.items()):
+        if example.patient_id not in patients:
             report.skip(key, "unknown patient (no Patient resource in the source)")
             continue
-        time = _example_time(resource)
-        if time is None:
-            report.skip(key, "no date (context.period.start, date or meta.lastUpdated)")
-            continue
-        attachment = _attachment(resource)
-        if attachment is None:
-            report.skip(key, "no image attachment")
-            continue
-        mask = mask_by_example.get(key)
-        meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
-        examples.append(
-            ExampleRecord(
-                resource_type=resource["resourceType"],
-                id=resource["id"],
-                version=str(meta.get("versionId") or ""),
-                patient_id=patient_id,
-                time=time,
-                attachment=attachment,
-                labels=labels_by_example.get(key, set()),
-                mask=mask[1] if mask else None,
-                mask_ref=mask[0] if mask else None,
-            )
-        )
-    examples.sort(key=lambda e: (e.resource_type, e.id))
-    return CollectedRecords(patients=patients, examples=examples)
+        kept.append(example)
+    return CollectedRecords(patients=patients, examples=kept)

@@ -7,6 +7,7 @@ import json
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from pml.accounts import public_fhir_source
 from pml.store.tables import Account, Approval, Event, Model, Run, Trial
 from pml.v1 import pml_pb2 as pb
 
@@ -23,7 +24,7 @@ def timestamp(value: dt.datetime | None) -> Timestamp | None:
 
 def account(row: Account) -> pb.Account:
     return pb.Account(
-        id=row.id, name=row.name, fhir_source_json=json.dumps(row.fhir_source), create_time=timestamp(row.created_at)
+        id=row.id, name=row.name, fhir_source_json=json.dumps(public_fhir_source(row.fhir_source)), create_time=timestamp(row.created_at)
     )
 
 

@@ -1,10 +1,12 @@
-"""The interface every FHIR source implements."""
+"""The interface every FHIR source implements, and the parsing all sources share."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
+
+import orjson
 
 from pml.fhir.report import CurationReport
 
@@ -23,3 +25,32 @@ class FhirSource(Protocol):
     def resources(self, report: CurationReport) -> Iterator[RawResource]:
         """Every resource, with Bundles unpacked; unreadable records go to the report."""
         ...
+
+
+def unpack(resource: Any, origin: str, report: CurationReport) -> Iterator[RawResource]:
+    """A resource, or every resource of a Bundle of any type (nested Bundles too)."""
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        report.skip(origin, "not a FHIR resource (no resourceType)")
+        return
+    if resource["resourceType"] != "Bundle":
+        yield RawResource(resource, origin)
+        return
+    for i, entry in enumerate(resource.get("entry") or []):
+        inner = entry.get("resource") if isinstance(entry, dict) else None
+        if inner is None:
+            report.skip(f"{origin}#entry[{i}]", "bundle entry without a resource")
+            continue
+        yield from unpack(inner, f"{origin}#entry[{i}]", report)
+
+
+def ndjson_resources(lines: Iterable[bytes], name: str, report: CurationReport) -> Iterator[RawResource]:
+    """Resources of an NDJSON stream (bulk-export format), one per line; bad lines reported."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            report.skip(f"{name}:{number}", "invalid JSON line")
+            continue
+        yield from unpack(data, f"{name}:{number}", report)
