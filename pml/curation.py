@@ -67,8 +67,7 @@ class BlobIntake:
 
 
 def curate_snapshot(
-    source_config: dict[str, Any], config: ModelConfig, blobs: BlobStore, settings: Settings,
-    policy: SplitPolicy | None = None,
+    source_config: dict[str, Any], config: ModelConfig, blobs: BlobStore, settings: Settings
 ) -> CurationResult:
     """Read the source, keep the usable examples, store their files and build the manifest."""
     report = CurationReport()
@@ -130,7 +129,7 @@ def curate_snapshot(
         problem_type=problem.problem_type.value,
         multi_label=problem.multi_label,
         labels=label_index,
-        policy=policy or SplitPolicy(),
+        policy=SplitPolicy(**config.training_approach.split.model_dump()),
         patients=patients,
         examples=examples,
     )

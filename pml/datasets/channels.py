@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from pml.blobs import BlobStore
-from pml.datasets.snapshot import SnapshotManifest
+from pml.datasets.snapshot import ManifestExample, SnapshotManifest
 
 EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg"}
 
@@ -27,12 +27,12 @@ def _link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def write_channel(blobs: BlobStore, manifest: SnapshotManifest, split: str, folder: Path) -> Path:
-    """Lay out one split under ``folder``; returns the folder. Re-writing is harmless."""
+def write_channel(blobs: BlobStore, manifest: SnapshotManifest, examples: list[ManifestExample], folder: Path) -> Path:
+    """Lay out ``examples`` (a split or a fold) under ``folder``; re-writing is harmless."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(exist_ok=True)
     lines = []
-    for example in manifest.split(split):
+    for example in examples:
         image_name = f"images/{example.image}{EXTENSIONS[example.image_type]}"
         _link(blobs.verified_path(example.image), folder / image_name)
         mask_name = None

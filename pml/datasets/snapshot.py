@@ -7,6 +7,7 @@ yields the same id and stores nothing new.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections import Counter
 from typing import Any
@@ -15,7 +16,15 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 from pml.blobs import BlobStore, sha256_bytes
-from pml.datasets.splits import TEST, TRAIN, VALIDATION, SplitPolicy, assign_splits
+from pml.datasets.splits import (
+    TEST,
+    TRAIN,
+    VALIDATION,
+    SplitItem,
+    SplitPolicy,
+    assign_splits,
+    forward_chaining_folds,
+)
 from pml.errors import StepFailed
 
 MANIFEST_FORMAT = 1
@@ -69,7 +78,8 @@ def build_manifest(
     examples: list[dict[str, Any]],
 ) -> SnapshotManifest:
     """Assign splits and order everything canonically. ``examples`` lack only ``split``."""
-    splits = assign_splits(((e["patient"], e["_time"]) for e in examples), policy)
+    items = [SplitItem(e["patient"], e["_time"], e["labels"][0] if e["labels"] else "") for e in examples]
+    splits = assign_splits(items, policy)
     rows = [
         ManifestExample(**{k: v for k, v in e.items() if not k.startswith("_")}, split=splits[e["patient"]])
         for e in sorted(examples, key=lambda e: (e["resource_type"], e["id"]))
@@ -83,6 +93,20 @@ def build_manifest(
         patients={p: patients[p] for p in sorted(used)},
         examples=rows,
     )
+
+
+def cv_folds(manifest: SnapshotManifest, folds: int) -> list[tuple[list[ManifestExample], list[ManifestExample]]]:
+    """Forward-chaining folds over the train and validation splits (the test split stays out)."""
+    rows = [e for e in manifest.examples if e.split in (TRAIN, VALIDATION)]
+    items = [SplitItem(e.patient, parse_time(e.time), e.labels[0] if e.labels else "") for e in rows]
+    out = []
+    for train_patients, validation_patients in forward_chaining_folds(items, folds):
+        out.append(([e for e in rows if e.patient in train_patients], [e for e in rows if e.patient in validation_patients]))
+    return out
+
+
+def parse_time(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value)
 
 
 def patients_in_two_splits(manifest: SnapshotManifest) -> set[str]:

@@ -91,6 +91,22 @@ class Objective(_Camel):
         return "max" if self.direction == "maximize" else "min"
 
 
+class DataSplit(_Camel):
+    """How curation splits patients: by time (newest in test) or stratified by label."""
+
+    strategy: Literal["time", "stratified"] = "time"
+    validation_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
+    seed: int = 0
+
+
+class Validation(_Camel):
+    """How a candidate is scored: on the validation split, or by time-based CV folds."""
+
+    strategy: Literal["holdout", "timeSeriesCV"] = "holdout"
+    folds: int = Field(default=3, ge=2, le=10)
+
+
 class TrainingApproach(_Camel):
     type: Literal["tuningJob"] = "tuningJob"
     training_image: str = Field(min_length=1)
@@ -103,6 +119,8 @@ class TrainingApproach(_Camel):
     metric_definitions: list[MetricDefinition] = Field(min_length=1)
     objective: Objective
     max_runtime_seconds: int = Field(default=3600, ge=1)
+    split: DataSplit = Field(default_factory=DataSplit)
+    validation: Validation = Field(default_factory=Validation)
 
 
 class DeployApproach(_Camel):

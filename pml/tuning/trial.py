@@ -7,7 +7,7 @@ This function runs inside a Ray worker; it knows nothing of the store. The drive
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class TrialSpec:
     metric_definitions: list[MetricDefinition]
     objective: str
     timeout_s: float
+    cv_channels: list[dict[str, Path]] = field(default_factory=list)
+    """Time-series CV folds; when given, the objective is the mean over the folds."""
 
     def trial_folder(self, trial_id: str) -> Path:
         return self.run_folder / "trials" / trial_id
@@ -45,34 +47,48 @@ class TrialSpec:
         return {**self.static_hyperparameters, **as_strings(decode(sampled, self.search_space))}
 
 
-def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
-    trial_id = tune.get_context().get_trial_id()
-    folder = spec.trial_folder(trial_id)
+def _train(spec: TrialSpec, folder: Path, channels: dict[str, Path], hyperparameters: dict[str, str],
+           report: bool, what: str) -> MetricParser:
+    """One training job; raises TrialFailed with the reason a person needs."""
     parser = MetricParser(spec.metric_definitions)
 
     def on_line(line: str) -> None:
         found = parser.feed(line)
-        if spec.objective in found:
+        if report and spec.objective in found:
             tune.report({"objective": found[spec.objective]})
 
-    job = TrainingJob(
-        image=spec.image, folder=folder, channels=spec.channels,
-        hyperparameters=spec.hyperparameters(config), timeout_s=spec.timeout_s,
-    )
+    job = TrainingJob(image=spec.image, folder=folder, channels=channels, hyperparameters=hyperparameters,
+                      timeout_s=spec.timeout_s)
     outcome = runtime_for(spec.image.kind).train(job, on_line)
-    series = {name: [[p.step, p.value, p.time] for p in points] for name, points in parser.series.items()}
-    (folder / METRICS_FILE).write_text(json.dumps({"final": parser.final(), "series": series}))
-    reason = None
+    tail = " | ".join(outcome.log_tail[-5:])
     if outcome.timed_out:
-        reason = f"stopped after maxRuntimeSeconds ({spec.timeout_s:.0f} s)"
-    elif outcome.exit_code != 0:
-        reason = outcome.failure or (
-            f"training exited with code {outcome.exit_code}; last log lines: " + " | ".join(outcome.log_tail[-5:])
-        )
-    elif spec.objective not in parser.series:
-        reason = f"objective metric {spec.objective!r} never reported; last log lines: " + " | ".join(
-            outcome.log_tail[-5:]
-        )
-    if reason:
-        (folder / FAILURE_FILE).write_text(reason)
-        raise TrialFailed(reason)
+        raise TrialFailed(f"{what}stopped after maxRuntimeSeconds ({spec.timeout_s:.0f} s)")
+    if outcome.exit_code != 0:
+        raise TrialFailed(what + (outcome.failure or f"training exited with code {outcome.exit_code}; last log lines: {tail}"))
+    if spec.objective not in parser.series:
+        raise TrialFailed(f"{what}objective metric {spec.objective!r} never reported; last log lines: {tail}")
+    return parser
+
+
+def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
+    trial_id = tune.get_context().get_trial_id()
+    folder = spec.trial_folder(trial_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    hyperparameters = spec.hyperparameters(config)
+    try:
+        fold_scores = []
+        for i, channels in enumerate(spec.cv_channels):
+            parser = _train(spec, folder / "cv" / f"fold-{i}", channels, hyperparameters, False, f"fold {i}: ")
+            fold_scores.append(parser.final()[spec.objective])
+            tune.report({"objective": sum(fold_scores) / len(fold_scores)})
+        # The model itself always trains on the full train split (validated on validation).
+        parser = _train(spec, folder, spec.channels, hyperparameters, not spec.cv_channels, "")
+    except TrialFailed as exc:
+        (folder / FAILURE_FILE).write_text(str(exc))
+        raise
+    final = parser.final()
+    if fold_scores:
+        final[spec.objective] = sum(fold_scores) / len(fold_scores)
+        tune.report({"objective": final[spec.objective]})
+    series = {name: [[p.step, p.value, p.time] for p in points] for name, points in parser.series.items()}
+    (folder / METRICS_FILE).write_text(json.dumps({"final": final, "series": series, "folds": fold_scores}))

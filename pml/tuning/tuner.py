@@ -22,7 +22,7 @@ from pml import events
 from pml.app import App, current_app
 from pml.artifacts import store_model
 from pml.datasets.channels import write_channel
-from pml.datasets.snapshot import load_manifest
+from pml.datasets.snapshot import cv_folds, load_manifest
 from pml.errors import StepFailed
 from pml.images import resolve_image
 from pml.runs import RunStatus, get_run, run_step, set_status
@@ -187,13 +187,27 @@ def tune_run(app: App, account_id: str, run_id: str) -> bool:
         run_folder = app.account_home(account_id) / "runs" / run_id
         channels_root = app.account_home(account_id) / "channels" / snapshot_id
         channels = {
-            name: write_channel(blobs, manifest, name, channels_root / name) for name in ("train", "validation")
+            name: write_channel(blobs, manifest, manifest.split(name), channels_root / name)
+            for name in ("train", "validation")
         }
+        cv_channels = []
+        if approach.validation.strategy == "timeSeriesCV":
+            try:
+                folds = cv_folds(manifest, approach.validation.folds)
+            except ValueError as exc:
+                raise StepFailed(f"time-series cross-validation: {exc}") from None
+            for i, (train_rows, validation_rows) in enumerate(folds):
+                base = channels_root / f"cv{approach.validation.folds}-fold-{i}"
+                cv_channels.append({
+                    "train": write_channel(blobs, manifest, train_rows, base / "train"),
+                    "validation": write_channel(blobs, manifest, validation_rows, base / "validation"),
+                })
         spec = TrialSpec(
             image=image, run_folder=run_folder, channels=channels,
             static_hyperparameters=dict(approach.static_hyperparameters),
             search_space=list(approach.search_space), metric_definitions=list(approach.metric_definitions),
             objective=approach.objective.metric, timeout_s=float(approach.max_runtime_seconds),
+            cv_channels=cv_channels,
         )
         mode = approach.objective.mode
         ensure_ray(app.settings)
