@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import io
 import datetime as dt
 import gzip
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from pml.blobs import BlobStore
 from pml.curation import curate_snapshot
@@ -22,6 +25,7 @@ from pml.schemas.config import ModelConfig, assign_labels, parse_model_config
 from pml.settings import Settings
 
 CODE = "digit-image"
+SEG_CODE = "digit-stroke"
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 
 
@@ -62,8 +66,54 @@ def label(rid: str, target: str, name: str = "zero", status: str = "final") -> d
     }
 
 
+def att(data: bytes, content_type: str = "image/png") -> dict:
+    return {"attachment": {"contentType": content_type, "data": base64.b64encode(data).decode()}}
+
+
+def noise_png(side: int) -> bytes:
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bomb_png() -> bytes:
+    """A tiny file that claims 12,000 x 12,000 pixels."""
+    buffer = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 128, dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def gif() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+def mask_png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def media(rid: str) -> dict:
+    """An R4 Media example (content is one Attachment, the time is createdDateTime)."""
+    return {
+        "resourceType": "Media", "id": rid, "status": "completed",
+        "type": {"coding": [{"system": DEMO_SYSTEM, "code": CODE}]},
+        "subject": {"reference": "Patient/p01"}, "createdDateTime": "2023-02-01",
+        "content": {"contentType": "image/png", "data": base64.b64encode(png_bytes(demo_digits()[3])).decode()},
+    }
+
+
 def curate(folder: Path, tmp_path: Path, problem: str = "imgClf"):  # type: ignore[no-untyped-def]
-    settings = Settings(home=tmp_path / "home")
+    settings = Settings(home=tmp_path / "home", max_image_bytes=30_000, max_image_pixels=100_000_000)
     blobs = BlobStore(tmp_path / "blobs")
     return curate_snapshot({"type": "folder", "path": str(folder)}, config(problem), blobs, settings), blobs
 
@@ -96,14 +146,40 @@ def awkward(tmp_path: Path) -> Path:
         doc("no-date", date=None), label("l-no-date", "no-date"),
         doc("bad-type", subject="Patient/p00"),
         {"resourceType": "Observation"},
+        doc("too-big", content=[att(noise_png(200))]), label("l-too-big", "too-big"),
+        doc("bomb", content=[att(bomb_png())]), label("l-bomb", "bomb"),
+        doc("truncated-jpeg", content=[att(jpeg()[:200], "image/jpeg")]), label("l-trunc", "truncated-jpeg"),
+        doc("gif", content=[att(gif())]), label("l-gif", "gif"),
+        doc("no-content-type", content=[{"attachment": {"data": base64.b64encode(png_bytes(demo_digits()[2])).decode()}}]),
+        label("l-no-ct", "no-content-type"),
+        doc("orphan-label"), {**label("l-orphan", "orphan-label"), "derivedFrom": []},
+        {k: v for k, v in doc("x").items() if k != "id"},
+        doc("group-subject", subject={"reference": "Group/g1"}), label("l-group", "group-subject"),
+        # awkward but usable: each must be kept
+        media("media-r4"), {**label("l-media", "media-r4", "three"), "derivedFrom": [{"reference": "Media/media-r4"}]},
+        doc("year-only", date=None, context={"period": {"start": "2021"}}), label("l-year", "year-only", "four"),
+        doc("absolute-subject", subject={"reference": "http://fhir.example/r4/Patient/p01"}),
+        label("l-abs", "absolute-subject", "five"),
+        doc("amended"), label("l-amended", "amended", "six", status="amended"),
+        doc("versioned-ref"), {**label("l-ver", "versioned-ref", "seven"),
+                               "derivedFrom": [{"reference": "DocumentReference/versioned-ref/_history/3"}]},
     ]
-    (folder / "nested" / "deeper" / "awkward.json").write_text(json.dumps(bundle([r for r in records if "id" in r])))
+    (folder / "nested" / "deeper" / "awkward.json").write_text(json.dumps(bundle(records)))
     ndjson = [json.dumps(r) for r in (doc("dup", meta={"versionId": "1"}), label("l-dup", "dup", "one"))]
     ndjson += ["{broken", json.dumps({"no": "resourceType"})]
     ndjson += [json.dumps(doc("dup", meta={"versionId": "2"}))]
     with gzip.open(folder / "nested" / "export.ndjson.gz", "wt") as handle:
         handle.write("\n".join(ndjson) + "\n")
     (folder / "broken.json").write_text("[1, 2")
+    (folder / "corrupt.json.gz").write_bytes(b"not gzip at all")
+    (folder / "single-resource.json").write_text(json.dumps(doc("single"))) 
+    (folder / "single-label.json").write_text(json.dumps(label("l-single", "single", "eight")))
+    nested = bundle([doc("nested")])
+    transaction = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": nested, "request": {"method": "POST", "url": "Bundle"}},
+        {"resource": label("l-nested", "nested", "nine"), "request": {"method": "PUT", "url": "Observation/l-nested"}},
+    ]}
+    (folder / "transaction.json").write_text(json.dumps(transaction))
     (folder / "bundle-without-resource.json").write_text(json.dumps({"resourceType": "Bundle", "entry": [{"fullUrl": "x"}]}))
     return folder
 
@@ -130,15 +206,30 @@ def test_awkward_records_are_skipped_with_their_reason(awkward: Path, tmp_path: 
         "not a FHIR resource (no resourceType)": "nested/export.ndjson.gz:4",
         "invalid JSON": "broken.json",
         "bundle entry without a resource": "bundle-without-resource.json#entry[0]",
+        "inline image is larger than the limit": "DocumentReference/too-big",
+        "image is a decompression bomb": "DocumentReference/bomb",
+        "image format GIF is not PNG or JPEG": "DocumentReference/gif",
+        "content type '(none)' is not image/png or image/jpeg": "DocumentReference/no-content-type",
+        "label observation without a value or a derivedFrom example": "Observation/l-orphan",
+        "DocumentReference without an id": "nested/deeper/awkward.json#entry[",
+        "unreadable file (BadGzipFile)": "corrupt.json.gz",
     }
     for reason, record in expected.items():
         assert reason in skipped, f"{reason!r} not reported; got {skipped}"
-        assert record in records[reason], (reason, records[reason])
+        assert any(r.startswith(record) for r in records[reason]), (reason, records[reason])
+    assert "DocumentReference/truncated-jpeg" in records["image cannot be decoded"]
+    assert "DocumentReference/group-subject" in records["no subject Patient"]
+    assert "DocumentReference/orphan-label" in records["no label"]
     # symlink and file:// escapes are the same confinement reason
     assert "DocumentReference/symlink" in records["attachment URL points outside the source folder"]
     assert "DocumentReference/file-url" in records["attachment URL points outside the source folder"]
     assert any(r.startswith("invalid DocumentReference: subject") for r in skipped), skipped
-    assert result.report.examples == 201, "every good record is kept (200 + the latest \"dup\")"
+    kept = {e.id for e in result.manifest.examples}
+    awkward_but_usable = {"dup", "media-r4", "year-only", "absolute-subject", "amended", "versioned-ref", "single", "nested"}
+    assert awkward_but_usable <= kept, awkward_but_usable - kept
+    assert result.report.examples == 200 + len(awkward_but_usable), "every usable record is kept"
+    year_only = next(e for e in result.manifest.examples if e.id == "year-only")
+    assert year_only.time.startswith("2021-01-01T00:00:00")
 
 
 def test_duplicate_keeps_the_latest_version(awkward: Path, tmp_path: Path) -> None:
@@ -211,3 +302,55 @@ def test_label_missing_from_training_fails_the_snapshot(tmp_path: Path) -> None:
 def test_fhir_dates_of_any_precision(value: str, expected: str) -> None:
     parsed = parse_fhir_datetime(value)
     assert parsed is not None and parsed.isoformat() == expected
+
+
+def test_segmentation_mask_problems_are_skipped_with_their_reason(tmp_path: Path) -> None:
+    folder = tmp_path / "fhir"
+    digits = demo_digits()[:120]
+    specs = [PatientSpec(f"p{k:02d}", "male", "1980-01-01") for k in range(12)]
+    good = [
+        ExampleSpec(id=f"s{d.index}", patient_id=f"p{d.index // 10:02d}", time=T0 + dt.timedelta(days=d.index),
+                    image=png_bytes(d), code_system=DEMO_SYSTEM, code=SEG_CODE, mask=mask_png(d.mask))
+        for d in digits
+    ]
+    d = digits[0]
+    wrong_size = mask_png(np.zeros((4, 4), dtype=np.uint8))
+    bad_values = mask_png(np.full((8, 8), 200, dtype=np.uint8))
+    awkward = [
+        ExampleSpec(id="mask-size", patient_id="p00", time=T0, image=png_bytes(d), code_system=DEMO_SYSTEM,
+                    code=SEG_CODE, mask=wrong_size),
+        ExampleSpec(id="mask-values", patient_id="p00", time=T0, image=png_bytes(d), code_system=DEMO_SYSTEM,
+                    code=SEG_CODE, mask=bad_values),
+        ExampleSpec(id="no-mask", patient_id="p00", time=T0, image=png_bytes(d), code_system=DEMO_SYSTEM, code=SEG_CODE),
+    ]
+    write_patient_bundles(folder, specs, good + awkward)
+    extra = [
+        doc("jpeg-mask", type={"coding": [{"system": DEMO_SYSTEM, "code": SEG_CODE}]}),
+        {"resourceType": "DocumentReference", "id": "jpeg-mask-mask", "status": "current",
+         "type": {"coding": [{"system": "urn:pml:label", "code": "mask"}]},
+         "relatesTo": [{"code": "transforms", "target": {"reference": "DocumentReference/jpeg-mask"}}],
+         "content": [att(jpeg(), "image/jpeg")]},
+        {"resourceType": "DocumentReference", "id": "s1-second-mask", "status": "current",
+         "type": {"coding": [{"system": "urn:pml:label", "code": "mask"}]},
+         "relatesTo": [{"code": "transforms", "target": {"reference": "DocumentReference/s1"}}],
+         "content": [att(mask_png(digits[1].mask))]},
+        {"resourceType": "DocumentReference", "id": "lost-mask", "status": "current",
+         "type": {"coding": [{"system": "urn:pml:label", "code": "mask"}]},
+         "content": [att(mask_png(digits[1].mask))]},
+    ]
+    (folder / "extra.json").write_text(json.dumps(bundle(extra)))
+    result, _ = curate(folder, tmp_path, "imgSeg")
+    report = result.report.to_json()
+    expected = {
+        "mask size differs from its image": "DocumentReference/mask-size",
+        "mask has pixel values that are not label index + 1": "DocumentReference/mask-values",
+        "no segmentation mask": "DocumentReference/no-mask",
+        "mask: mask is not a PNG": "DocumentReference/jpeg-mask-mask",
+        "second mask for one example (kept the first)": "DocumentReference/s1-second-mask",
+        "mask without an attachment or a relatesTo example": "DocumentReference/lost-mask",
+    }
+    for reason, record in expected.items():
+        assert record in report["skippedRecords"].get(reason, []), (reason, report["skipped"])
+    assert result.report.examples == 120
+    example = next(e for e in result.manifest.examples if e.id == "s5")
+    assert example.labels == [DIGIT_NAMES[digits[5].digit]], "a seg example's labels are the classes in its mask"

@@ -97,7 +97,10 @@ def bundle(resources: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "resourceType": "Bundle",
         "type": "collection",
-        "entry": [{"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r} for r in resources],
+        "entry": [
+            {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r} if r.get("id") else {"resource": r}
+            for r in resources
+        ],
     }
 
 
