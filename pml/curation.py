@@ -28,6 +28,7 @@ from pml.datasets.snapshot import (
 from pml.datasets.splits import SplitPolicy
 from pml.errors import NotFound
 from pml.fhir.attachments import attachment_bytes
+from pml.fhir.prefilter import LinePrefilter
 from pml.fhir.records import StoredImage, collect_records
 from pml.fhir.report import CurationReport
 from pml.fhir.sources import open_source
@@ -75,7 +76,8 @@ def curate_snapshot(
     source = open_source(source_config, problem.training_data_filter.codes)
     allowed = frozenset(h.lower() for h in source_config.get("attachmentHosts") or [])
     intake = BlobIntake(blobs, source.root, settings, allowed)
-    records = collect_records(source.resources(report), problem.training_data_filter.codes, report, intake)
+    codes = problem.training_data_filter.codes
+    records = collect_records(source.resources(report, LinePrefilter(codes)), codes, report, intake)
     label_index = config.label_index()
     index_to_name = {index + 1: name for name, index in label_index.items()}
     segmentation = problem.problem_type.is_segmentation

@@ -270,7 +270,7 @@ def collect_records(
     masks: dict[str, tuple[list[str], StoredImage]] = {}
 
     for raw in stream:
-        report.resources_read += 1
+        report.resources_read += 1  # (lines a prefilter skipped are counted by the source)
         resource = raw.resource
         kind = resource["resourceType"]
         if kind not in RELEVANT:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import orjson
 
@@ -22,8 +22,11 @@ class FhirSource(Protocol):
     root: Path | None
     """Folder that relative attachment URLs resolve under (None: no local files allowed)."""
 
-    def resources(self, report: CurationReport) -> Iterator[RawResource]:
-        """Every resource, with Bundles unpacked; unreadable records go to the report."""
+    def resources(self, report: CurationReport, wanted: Callable[[bytes], bool] | None = None) -> Iterator[RawResource]:
+        """Every resource, with Bundles unpacked; unreadable records go to the report.
+
+        ``wanted`` lets NDJSON lines that cannot matter be skipped unparsed.
+        """
         ...
 
 
@@ -43,14 +46,26 @@ def unpack(resource: Any, origin: str, report: CurationReport) -> Iterator[RawRe
         yield from unpack(inner, f"{origin}#entry[{i}]", report)
 
 
-def ndjson_resources(lines: Iterable[bytes], name: str, report: CurationReport) -> Iterator[RawResource]:
-    """Resources of an NDJSON stream (bulk-export format), one per line; bad lines reported."""
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            data = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            report.skip(f"{name}:{number}", "invalid JSON line")
-            continue
-        yield from unpack(data, f"{name}:{number}", report)
+def ndjson_resources(
+    lines: Iterable[bytes], name: str, report: CurationReport, wanted: Callable[[bytes], bool] | None = None
+) -> Iterator[RawResource]:
+    """Resources of an NDJSON stream (bulk-export format), one per line; bad lines reported.
+
+    ``wanted`` may skip lines unparsed (see ``pml.fhir.prefilter``); they still count as read.
+    """
+    skipped = 0
+    try:
+        for number, line in enumerate(lines, start=1):
+            if wanted is not None and not wanted(line):
+                skipped += 1
+                continue
+            if not line.strip():
+                continue
+            try:
+                data = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                report.skip(f"{name}:{number}", "invalid JSON line")
+                continue
+            yield from unpack(data, f"{name}:{number}", report)
+    finally:
+        report.resources_read += skipped

@@ -6,7 +6,7 @@ import gzip
 
 import orjson
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from pml.fhir.report import CurationReport
 from pml.fhir.sources.base import RawResource, ndjson_resources, unpack
@@ -26,12 +26,13 @@ class FolderSource:
         found = [p for p in self.root.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES)]
         return sorted(found)
 
-    def resources(self, report: CurationReport) -> Iterator[RawResource]:
+    def resources(self, report: CurationReport, wanted: Callable[[bytes], bool] | None = None) -> Iterator[RawResource]:
         for path in self.files():
             name = str(path.relative_to(self.root))
             try:
                 if ".ndjson" in path.name:
-                    yield from self._ndjson(path, name, report)
+                    with _open(path) as handle:
+                        yield from ndjson_resources(handle, name, report, wanted)
                 else:
                     with _open(path) as handle:
                         data = orjson.loads(handle.read())
@@ -40,7 +41,3 @@ class FolderSource:
                 report.skip(name, f"unreadable file ({type(exc).__name__})")
             except (orjson.JSONDecodeError, UnicodeDecodeError):
                 report.skip(name, "invalid JSON")
-
-    def _ndjson(self, path: Path, name: str, report: CurationReport) -> Iterator[RawResource]:
-        with _open(path) as handle:
-            yield from ndjson_resources(handle, name, report)

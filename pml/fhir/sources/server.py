@@ -10,7 +10,7 @@ is only ever sent to the configured server.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urljoin, urlparse
 
 import httpx
@@ -129,7 +129,7 @@ class ServerSource:
 
     # -- bulk export --------------------------------------------------------------------
 
-    def _bulk(self, report: CurationReport) -> Iterator[RawResource]:
+    def _bulk(self, report: CurationReport, wanted: Callable[[bytes], bool] | None) -> Iterator[RawResource]:
         kickoff = self._request(
             "GET", "$export", params={"_type": EXPORT_TYPES, "_outputFormat": "application/fhir+ndjson"},
             headers={"Prefer": "respond-async"},
@@ -156,16 +156,17 @@ class ServerSource:
                 if response.status_code != 200:
                     raise StepFailed(f"downloading $export file {i} answered HTTP {response.status_code}")
                 name = f"$export/{item.get('type', 'file')}[{i}]"
-                yield from ndjson_resources((line.encode() for line in response.iter_lines()), name, report)
+                lines = (line.encode() for line in response.iter_lines())
+                yield from ndjson_resources(lines, name, report, wanted)
         try:
             self._request("DELETE", status_url)  # the server may drop the files now
         except StepFailed:
             pass
 
-    def resources(self, report: CurationReport) -> Iterator[RawResource]:
+    def resources(self, report: CurationReport, wanted: Callable[[bytes], bool] | None = None) -> Iterator[RawResource]:
         try:
             if self.mode == "bulk":
-                yield from self._bulk(report)
+                yield from self._bulk(report, wanted)
             else:
                 yield from self._search(report)
         finally:
