@@ -94,14 +94,25 @@ def images_list() -> None:
 @accounts.command("create")
 def accounts_create(
     account_id: str,
-    fhir_folder: Annotated[Path, typer.Option(help="Folder of the account's FHIR records.")],
+    fhir_folder: Annotated[Optional[Path], typer.Option(help="Folder of the account's FHIR records.")] = None,
+    fhir_server: Annotated[Optional[str], typer.Option(help="Base URL of the account's FHIR server.")] = None,
+    token: Annotated[Optional[str], typer.Option(envvar="PML_FHIR_TOKEN", help="Bearer token for the FHIR server.")] = None,
+    mode: Annotated[str, typer.Option(help="FHIR server: 'search' or 'bulk' ($export).")] = "search",
+    attachment_host: Annotated[Optional[list[str]], typer.Option(help="Host that http(s) attachments may come from (repeat).")] = None,
     name: str = "",
 ) -> None:
     """Create an account and print its first API key (shown once)."""
     from pml.accounts import create_account, create_api_key
 
+    if (fhir_folder is None) == (fhir_server is None):
+        raise typer.BadParameter("give exactly one of --fhir-folder or --fhir-server")
+    source: dict[str, object] = {"attachmentHosts": attachment_host or []}
+    if fhir_folder is not None:
+        source.update(type="folder", path=str(fhir_folder.resolve()))
+    else:
+        source.update(type="server", baseUrl=fhir_server, mode=mode, **({"token": token} if token else {}))
     with _app().session() as session:
-        create_account(session, account_id, name, {"type": "folder", "path": str(fhir_folder.resolve())})
+        create_account(session, account_id, name, source)
         _, key = create_api_key(session, account_id, "first key")
     console.print(json.dumps({"accountId": account_id, "apiKey": key}))
 
