@@ -354,3 +354,20 @@ def test_segmentation_mask_problems_are_skipped_with_their_reason(tmp_path: Path
     assert result.report.examples == 120
     example = next(e for e in result.manifest.examples if e.id == "s5")
     assert example.labels == [DIGIT_NAMES[digits[5].digit]], "a seg example's labels are the classes in its mask"
+
+
+def test_manifest_records_and_the_check_proves_no_patient_in_two_splits(tmp_path: Path) -> None:
+    from pml.datasets.snapshot import check_usable, patients_in_two_splits
+
+    folder = tmp_path / "fhir"
+    write_good(folder)
+    result, blobs = curate(folder, tmp_path)
+    manifest = result.manifest
+    assert manifest.patients_in_two_splits == 0 and not patients_in_two_splits(manifest)
+    # A tampered manifest (one patient moved into a second split) is refused.
+    first = manifest.examples[0]
+    other = next(e for e in manifest.examples if e.patient == first.patient and e.id != first.id)
+    moved = other.model_copy(update={"split": "test" if other.split != "test" else "train"})
+    tampered = manifest.model_copy(update={"examples": [moved if e is other else e for e in manifest.examples]})
+    with pytest.raises(StepFailed, match="patients appear in two splits"):
+        check_usable(tampered, "")

@@ -56,6 +56,8 @@ class SnapshotManifest(_Camel):
     split_policy: SplitPolicy
     patients: dict[str, dict[str, str | None]]
     examples: list[ManifestExample]
+    patients_in_two_splits: int = 0
+    """Recorded when built, and checked again before the snapshot is used: always 0."""
 
     def canonical_bytes(self) -> bytes:
         data = self.model_dump(mode="json", by_alias=True)
@@ -85,7 +87,7 @@ def build_manifest(
         for e in sorted(examples, key=lambda e: (e["resource_type"], e["id"]))
     ]
     used = {e.patient for e in rows}
-    return SnapshotManifest(
+    manifest = SnapshotManifest(
         problem_type=problem_type,
         multi_label=multi_label,
         labels=dict(sorted(labels.items(), key=lambda kv: kv[1])),
@@ -93,6 +95,7 @@ def build_manifest(
         patients={p: patients[p] for p in sorted(used)},
         examples=rows,
     )
+    return manifest.model_copy(update={"patients_in_two_splits": len(patients_in_two_splits(manifest))})
 
 
 def cv_folds(manifest: SnapshotManifest, folds: int) -> list[tuple[list[ManifestExample], list[ManifestExample]]]:
@@ -150,7 +153,7 @@ def check_usable(manifest: SnapshotManifest, skipped_summary: str) -> None:
             f"labels with no training example: {', '.join(missing)} ({skipped_summary})"
         )
     leaked = patients_in_two_splits(manifest)
-    if leaked:  # cannot happen with assign_splits; checked because the promise matters
+    if leaked or manifest.patients_in_two_splits:  # cannot happen; checked because the promise matters
         raise StepFailed(f"{len(leaked)} patients appear in two splits")
 
 
