@@ -6,13 +6,14 @@ import hashlib
 import hmac
 import re
 import secrets
+from pathlib import Path
 from urllib.parse import urlparse
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pml.errors import InvalidArgument, NotFound, Unauthenticated
+from pml.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 from pml.store.tables import Account, ApiKey, utcnow
 
 ACCOUNT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -33,13 +34,22 @@ def check_fhir_source(source: dict[str, Any]) -> dict[str, Any]:
     Both take ``attachmentHosts``: hosts that http(s) attachment URLs may reach.
     """
     kind = source.get("type")
+    known = {"type", "attachmentHosts"} | ({"path"} if kind == "folder" else {"baseUrl", "token", "mode", "pageSize"})
+    unknown = sorted(set(source) - known)
+    if unknown:
+        raise InvalidArgument([(f"fhirSource.{name}", "unknown field") for name in unknown])
     hosts = source.get("attachmentHosts", [])
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
         raise InvalidArgument([("fhirSource.attachmentHosts", "must be a list of host names")])
     if kind == "folder":
-        if not isinstance(source.get("path"), str) or not source["path"]:
+        path = source.get("path")
+        if not isinstance(path, str) or not path:
             raise InvalidArgument([("fhirSource.path", "a folder source needs a path")])
-        return {"type": kind, "path": source["path"], "attachmentHosts": hosts}
+        if not Path(path).is_absolute():
+            raise InvalidArgument([("fhirSource.path", "must be an absolute path (workers run elsewhere)")])
+        if not Path(path).is_dir():
+            raise InvalidArgument([("fhirSource.path", f"{path} is not a folder")])
+        return {"type": kind, "path": path, "attachmentHosts": hosts}
     if kind == "server":
         base = source.get("baseUrl")
         if not isinstance(base, str) or urlparse(base).scheme not in ("http", "https") or not urlparse(base).netloc:
@@ -69,7 +79,7 @@ def create_account(session: Session, account_id: str, name: str, fhir_source: di
     if not ACCOUNT_ID.match(account_id):
         raise InvalidArgument([("accountId", "2-63 characters of a-z, 0-9 and '-', starting with a letter or digit")])
     if session.get(Account, account_id) is not None:
-        raise InvalidArgument([("accountId", f"account {account_id!r} exists already")])
+        raise AlreadyExists(f"account {account_id!r} exists already")
     account = Account(id=account_id, name=name or account_id, fhir_source=check_fhir_source(fhir_source))
     session.add(account)
     session.flush()

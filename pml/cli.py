@@ -30,7 +30,7 @@ def _app():  # type: ignore[no-untyped-def]
 
 @app.command()
 def serve(
-    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 50051,
+    grpc_port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC port (0 picks a free one).")] = 50051,
     host: Annotated[str, typer.Option(help="Address to bind; loopback unless told otherwise.")] = "127.0.0.1",
     workers: Annotated[bool, typer.Option(help="Also run the workers in this process (embedded).")] = True,
 ) -> None:
@@ -54,8 +54,8 @@ def serve(
 @app.command()
 def worker(
     queues: Annotated[Optional[list[str]], typer.Option("--queues", "-q", help="Queues to consume (repeat or comma-separate); default all.")] = None,
-    processes: Annotated[int, typer.Option(help="Worker processes.")] = 1,
-    threads: Annotated[int, typer.Option(help="Threads per process.")] = 2,
+    processes: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="Threads per process.")] = 2,
 ) -> None:
     """Consume step queues (curate, tune, evaluate, deploy) as a separate worker pool."""
     from pml.broker import STEPS
@@ -67,7 +67,9 @@ def worker(
         raise typer.BadParameter(f"unknown queue(s) {unknown}; choose from {sorted(STEPS)}", param_hint="--queues")
     if processes > 1:
         raise typer.Exit(spawn_worker_processes(wanted, processes, threads))
-    run_worker_process(_app(), set(wanted) or None, threads)
+    pml_app = _app()
+    console.print(f"pml worker: queues {', '.join(wanted or sorted(STEPS))}, {threads} threads", highlight=False)
+    run_worker_process(pml_app, set(wanted) or None, threads)
 
 
 @images.command("add")
@@ -85,6 +87,8 @@ def images_list() -> None:
     from pml.images import list_images
 
     table = Table("uri", "runtime", "path")
+    for column in table.columns:
+        column.overflow = "fold"
     with _app().session() as session:
         for image in list_images(session):
             table.add_row(image.uri, image.kind, image.path or "")
@@ -126,12 +130,19 @@ def demo() -> None:
 
 
 def main() -> None:
+    from sqlalchemy.exc import OperationalError
+
     from pml.errors import PmlError
+    from pml.gateway.server import PortInUse
 
     try:
         app()
-    except PmlError as exc:
-        console.print(f"[red]error:[/] {exc}")
+    except (PmlError, PortInUse) as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise SystemExit(2) from None
+    except OperationalError as exc:
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        console.print(f"[red]error:[/] cannot use the database ({first}); check PML_DATABASE_URL", highlight=False)
         raise SystemExit(2) from None
 
 

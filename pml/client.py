@@ -17,7 +17,9 @@ TERMINAL_STATES = {pb.RUN_STATE_COMPLETED, pb.RUN_STATE_FAILED, pb.RUN_STATE_CAN
 
 class PmlClient:
     def __init__(self, target: str, account: str = "", api_key: str = "", admin_key: str = ""):
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.channel = grpc.insecure_channel(
+            target, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        )
         self.account = account
         self.api_key = api_key
         self.admin_key = admin_key

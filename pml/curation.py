@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pml import events
@@ -140,24 +141,36 @@ def curate_snapshot(
 
 
 def save_snapshot(session: Session, account_id: str, blobs: BlobStore, manifest: SnapshotManifest) -> str:
-    """Store the manifest and index its examples once; the same data gives the same id."""
+    """Store the manifest and index its examples once; the same data gives the same id.
+
+    Two runs may curate the same new snapshot at once: the second insert then meets the
+    first one's rows, which are the same by construction, and keeps them.
+    """
     snapshot_id, manifest_sha = store_manifest(blobs, manifest)
-    exists = session.scalar(
-        select(Snapshot).where(Snapshot.account_id == account_id, Snapshot.id == snapshot_id)
-    )
-    if exists is None:
-        session.add(
-            Snapshot(account_id=account_id, id=snapshot_id, manifest_sha256=manifest_sha, stats=snapshot_stats(manifest))
-        )
-        session.add_all(
-            SnapshotExample(
-                account_id=account_id, snapshot_id=snapshot_id, example_id=e.id, patient_id=e.patient,
-                split=e.split, image_sha256=e.image, mask_sha256=e.mask, labels=list(e.labels),
+    if _snapshot_exists(session, account_id, snapshot_id):
+        return snapshot_id
+    try:
+        with session.begin_nested():
+            session.add(
+                Snapshot(account_id=account_id, id=snapshot_id, manifest_sha256=manifest_sha,
+                         stats=snapshot_stats(manifest))
             )
-            for e in manifest.examples
-        )
-        session.flush()
+            session.add_all(
+                SnapshotExample(
+                    account_id=account_id, snapshot_id=snapshot_id, example_id=e.id, patient_id=e.patient,
+                    split=e.split, image_sha256=e.image, mask_sha256=e.mask, labels=list(e.labels),
+                )
+                for e in manifest.examples
+            )
+    except IntegrityError:
+        if not _snapshot_exists(session, account_id, snapshot_id):
+            raise
     return snapshot_id
+
+
+def _snapshot_exists(session: Session, account_id: str, snapshot_id: str) -> bool:
+    query = select(Snapshot.id).where(Snapshot.account_id == account_id, Snapshot.id == snapshot_id)
+    return session.scalar(query) is not None
 
 
 def get_snapshot(session: Session, account_id: str, snapshot_id: str) -> tuple[Snapshot, list[SnapshotExample]]:

@@ -22,6 +22,10 @@ class InvalidArgument(PmlError):
         super().__init__("; ".join(f"{field}: {reason}" for field, reason in violations))
 
 
+class AlreadyExists(PmlError):
+    """An object with that id exists already."""
+
+
 class FailedPrecondition(PmlError):
     """The object is not in a state that allows the call (e.g. approving a failed run)."""
 

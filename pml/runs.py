@@ -119,6 +119,9 @@ def approve_run(
     run = get_run(session, account_id, run_id, for_update=True)
     if run.status != RunStatus.COMPLETED.value:
         raise FailedPrecondition(f"run {run_id} is {run.status}; only a COMPLETED run can be approved")
+    earlier = session.scalar(select(Approval).where(Approval.account_id == account_id, Approval.run_id == run.id))
+    if earlier is not None:
+        raise FailedPrecondition(f"run {run_id} was already {earlier.decision}; a decision is final (start a new run)")
     approval = Approval(account_id=account_id, run_id=run.id, decision=decision, description=description, user=user)
     session.add(approval)
     deploy = False

@@ -38,6 +38,16 @@ def test_the_demo_config_is_valid() -> None:
         (lambda c: c["trainingApproach"]["searchSpace"][1].update(min=1.5), "trainingApproach.searchSpace[1].min", "whole-number"),
         (lambda c: c.pop("deployApproach"), "deployApproach", "Field required"),
         (lambda c: c.update(surprise=1), "surprise", "Extra inputs"),
+        (lambda c: c["trainingApproach"]["searchSpace"][0].update(min=float("nan")), "trainingApproach.searchSpace[0].min", "finite number"),
+        (lambda c: c["trainingApproach"]["searchSpace"][1].update(max=float("inf")), "trainingApproach.searchSpace[1].max", "finite number"),
+        (lambda c: c["trainingApproach"].update(seed=-5), "trainingApproach.seed", "greater than or equal to 0"),
+        (lambda c: c["trainingApproach"].update(maxTrials="3"), "trainingApproach.maxTrials", "valid integer"),
+        (lambda c: c["problemDefinition"].update(multiLabel="yes"), "problemDefinition.multiLabel", "valid boolean"),
+        (lambda c: c["trainingApproach"]["metricDefinitions"][0].update(regex="(validation):accuracy=([0-9.]+)"), "trainingApproach.metricDefinitions[0].regex", "exactly one"),
+        (lambda c: c["problemDefinition"]["labelDefinition"].update(labels=[{"name": "only"}]), "problemDefinition.labelDefinition.labels", "at least two labels"),
+        (lambda c: c["problemDefinition"].update(problemType="imgSeg", multiLabel=True), "problemDefinition.multiLabel", "multiLabel must be false"),
+        (lambda c: c["trainingApproach"]["searchSpace"].append({"name": "c", "type": "categorical", "values": ["a", "a"]}), "trainingApproach.searchSpace[2].values", "duplicate values"),
+        (lambda c: c["trainingApproach"]["searchSpace"].append({"name": "c", "type": "categorical", "values": ["a"], "min": 1}), "trainingApproach.searchSpace[2].min", "not min/max"),
     ],
 )
 def test_bad_config_names_field_and_reason(change, field: str, reason: str) -> None:  # type: ignore[no-untyped-def]

@@ -103,6 +103,34 @@ def test_another_accounts_objects_are_not_found(stack: Stack, small_folder: Path
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_duplicate_account_is_already_exists_and_bad_sources_are_named(stack: Stack, small_folder: Path) -> None:
+    admin = stack.client()
+    admin.create_account("dup-account", {"type": "folder", "path": str(small_folder)})
+    with pytest.raises(grpc.RpcError) as caught:
+        admin.create_account("dup-account", {"type": "folder", "path": str(small_folder)})
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    for source, field in (
+        ({"type": "folder", "path": "relative/path"}, "fhirSource.path"),
+        ({"type": "folder", "path": str(small_folder / "missing")}, "fhirSource.path"),
+        ({"type": "folder", "path": str(small_folder), "surprise": 1}, "fhirSource.surprise"),
+        ({"type": "server", "baseUrl": "ftp://x"}, "fhirSource.baseUrl"),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            admin.create_account("bad-source", source)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in field_violations(caught.value)
+
+
+def test_non_finite_numbers_in_a_config_are_invalid_not_internal(stack: Stack, small_folder: Path) -> None:
+    client = stack.new_account(small_folder)
+    config = digits_config("imgClf")
+    config["trainingApproach"]["searchSpace"][0]["min"] = float("nan")
+    with pytest.raises(grpc.RpcError) as caught:
+        client.create_model(config)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "trainingApproach.searchSpace[0].min" in field_violations(caught.value)
+
+
 def test_approving_a_run_that_is_not_completed_is_a_failed_precondition(stack: Stack, small_folder: Path) -> None:
     client = stack.new_account(small_folder)
     model = client.create_model(digits_config("imgClf", train_image="registry.example/unknown:1"))

@@ -12,6 +12,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pml.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 _CODES: list[tuple[type[PmlError], int]] = [
     (InvalidArgument, code_pb2.INVALID_ARGUMENT),
     (NotFound, code_pb2.NOT_FOUND),
+    (AlreadyExists, code_pb2.ALREADY_EXISTS),
     (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (StepFailed, code_pb2.FAILED_PRECONDITION),
     (Unauthenticated, code_pb2.UNAUTHENTICATED),
@@ -53,8 +55,15 @@ def to_status(exc: PmlError) -> grpc.Status:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _internal(context: grpc.ServicerContext, method: str) -> None:
+    """Anything else is a bug: log it here, answer INTERNAL with no details (they could
+    carry SQL parameters or record content)."""
+    log.exception("unexpected error in %s", method)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error; the gateway's log has the details")
+
+
 def grpc_errors(method: F) -> F:
-    """Abort the call with the mapped status when a pml error escapes a unary handler."""
+    """Abort the call with the mapped status when an error escapes a unary handler."""
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
@@ -62,6 +71,10 @@ def grpc_errors(method: F) -> F:
             return method(self, request, context)
         except PmlError as exc:
             context.abort_with_status(to_status(exc))
+        except Exception:
+            if context.code() is not None:  # already aborted
+                raise
+            _internal(context, method.__name__)
 
     return wrapper  # type: ignore[return-value]
 
@@ -75,5 +88,9 @@ def grpc_stream_errors(method: F) -> F:
             yield from method(self, request, context)
         except PmlError as exc:
             context.abort_with_status(to_status(exc))
+        except Exception:
+            if context.code() is not None:
+                raise
+            _internal(context, method.__name__)
 
     return wrapper  # type: ignore[return-value]

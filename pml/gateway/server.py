@@ -13,15 +13,31 @@ from pml.gateway import services
 from pml.v1 import pml_pb2 as pb
 from pml.v1 import pml_pb2_grpc as rpc
 
+# Room for the rest of a message around the largest image a Predict call may carry.
+MESSAGE_OVERHEAD = 1024 * 1024
+
 SERVICE_NAMES = [
     pb.DESCRIPTOR.services_by_name[name].full_name
     for name in ("AccountService", "ModelService", "RunService", "SnapshotService", "ApprovalService", "PredictionService", "ArtifactService")
 ]
 
 
+class PortInUse(RuntimeError):
+    """The gateway could not bind its address."""
+
+
 def build_server(app: App, address: str, max_workers: int = 32) -> tuple[grpc.Server, int]:
     """A started server bound to ``address`` ("host:port"; port 0 picks one) and its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    message_limit = app.settings.max_image_bytes + MESSAGE_OVERHEAD
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=[
+            # Without this a second gateway on the same port starts and takes half the calls.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", message_limit),
+            ("grpc.max_send_message_length", message_limit),
+        ],
+    )
     rpc.add_AccountServiceServicer_to_server(services.AccountService(app), server)
     rpc.add_ModelServiceServicer_to_server(services.ModelService(app), server)
     rpc.add_RunServiceServicer_to_server(services.RunService(app), server)
@@ -34,6 +50,12 @@ def build_server(app: App, address: str, max_workers: int = 32) -> tuple[grpc.Se
     for name in SERVICE_NAMES + [""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    wanted = int(address.rsplit(":", 1)[1])
+    if port == 0 or (wanted and port != wanted):
+        raise PortInUse(f"cannot listen on {address} (in use, or not a valid port)")
     server.start()
     return server, port

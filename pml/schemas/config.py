@@ -11,14 +11,15 @@ import uuid
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from pydantic.alias_generators import to_camel
 
 from pml.errors import InvalidArgument
 
 
 class _Camel(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # No NaN or infinity in numbers; counts and switches are StrictInt/StrictBool ("3" is not 3).
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", allow_inf_nan=False)
 
 
 class ProblemType(str, Enum):
@@ -50,7 +51,7 @@ class LabelDefinition(_Camel):
 
 class ProblemDefinition(_Camel):
     problem_type: ProblemType
-    multi_label: bool = False
+    multi_label: StrictBool = False
     training_data_filter: TrainingDataFilter
     label_definition: LabelDefinition
 
@@ -97,28 +98,28 @@ class DataSplit(_Camel):
     strategy: Literal["time", "stratified"] = "time"
     validation_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)
 
 
 class Validation(_Camel):
     """How a candidate is scored: on the validation split, or by time-based CV folds."""
 
     strategy: Literal["holdout", "timeSeriesCV"] = "holdout"
-    folds: int = Field(default=3, ge=2, le=10)
+    folds: StrictInt = Field(default=3, ge=2, le=10)
 
 
 class TrainingApproach(_Camel):
     type: Literal["tuningJob"] = "tuningJob"
     training_image: str = Field(min_length=1)
-    max_trials: int = Field(default=4, ge=1, le=1000)
-    max_parallel_trials: int | None = Field(default=None, ge=1)
+    max_trials: StrictInt = Field(default=4, ge=1, le=1000)
+    max_parallel_trials: StrictInt | None = Field(default=None, ge=1)
     strategy: Literal["random"] = "random"
-    seed: int = 0
+    seed: StrictInt = Field(default=0, ge=0, lt=2**32)
     search_space: list[SearchParameter] = Field(default_factory=list)
     static_hyperparameters: dict[str, str] = Field(default_factory=dict)
     metric_definitions: list[MetricDefinition] = Field(min_length=1)
     objective: Objective
-    max_runtime_seconds: int = Field(default=3600, ge=1)
+    max_runtime_seconds: StrictInt = Field(default=3600, ge=1)
     split: DataSplit = Field(default_factory=DataSplit)
     validation: Validation = Field(default_factory=Validation)
 
@@ -166,6 +167,12 @@ def _semantic_violations(config: ModelConfig) -> list[tuple[str, str]]:
         if name in names[:i]:
             out.append((f"problemDefinition.labelDefinition.labels[{i}].name", f"duplicate label name {name!r}"))
 
+    problem = config.problem_definition
+    if not problem.problem_type.is_segmentation and not problem.multi_label and len(names) < 2:
+        out.append(("problemDefinition.labelDefinition.labels", "a single-label classification needs at least two labels"))
+    if problem.problem_type.is_segmentation and problem.multi_label:
+        out.append(("problemDefinition.multiLabel", "imgSeg has one label per pixel; multiLabel must be false"))
+
     approach = config.training_approach
     seen: set[str] = set()
     for i, p in enumerate(approach.search_space):
@@ -176,7 +183,13 @@ def _semantic_violations(config: ModelConfig) -> list[tuple[str, str]]:
         if p.type is ParameterType.CATEGORICAL:
             if not p.values:
                 out.append((f"{at}.values", "a categorical parameter needs at least one value"))
+            elif len(set(p.values)) != len(p.values):
+                out.append((f"{at}.values", "duplicate values"))
+            if p.min is not None or p.max is not None:
+                out.append((f"{at}.min" if p.min is not None else f"{at}.max", "a categorical parameter takes values, not min/max"))
             continue
+        if p.values is not None:
+            out.append((f"{at}.values", f"a {p.type.value} parameter takes min and max, not values"))
         if p.min is None or p.max is None:
             out.append((f"{at}.min" if p.min is None else f"{at}.max", f"a {p.type.value} parameter needs min and max"))
             continue
@@ -203,8 +216,12 @@ def _semantic_violations(config: ModelConfig) -> list[tuple[str, str]]:
         except re.error as exc:
             out.append((f"{at}.regex", f"not a valid regular expression: {exc}"))
             continue
-        if compiled.groups < 1:
-            out.append((f"{at}.regex", "needs a capture group around the metric's value"))
+        if compiled.groups != 1:
+            out.append((
+                f"{at}.regex",
+                "needs a capture group around the metric's value" if compiled.groups < 1
+                else f"has {compiled.groups} capture groups; use exactly one, around the value ((?:...) for others)",
+            ))
     if approach.objective.metric not in metric_names:
         out.append(("trainingApproach.objective.metric", f"{approach.objective.metric!r} is not among metricDefinitions"))
     return out

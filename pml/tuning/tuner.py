@@ -10,10 +10,15 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from ray import tune
+# Tune's console tables and SIGINT handler are for scripts, not for a worker service.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+
+from ray import tune  # noqa: E402
 from ray.tune import Callback
 from ray.tune.search import BasicVariantGenerator
 from sqlalchemy import select
@@ -34,6 +39,10 @@ from pml.tuning.trial import FAILURE_FILE, METRICS_FILE, TrialSpec, run_trial
 
 log = logging.getLogger(__name__)
 _ray_lock = threading.Lock()
+# Ray Tune keeps process-wide state (its trainable registry above all): two experiments at
+# once in one process were seen to mix their trials' settings, so a process runs one at a
+# time. Operators scale tuning with worker processes (`pml worker --queues tune --processes N`).
+_experiment_lock = threading.Lock()
 
 
 def ensure_ray(settings: Settings, attempts: int = 3) -> None:
@@ -44,7 +53,6 @@ def ensure_ray(settings: Settings, attempts: int = 3) -> None:
     """
     import ray
 
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     with _ray_lock:
         for attempt in range(1, attempts + 1):
             if ray.is_initialized():
@@ -159,12 +167,72 @@ class TrialRecorder(Callback):
         self._finish(trial, "FAILED")
 
 
+class RunCancelled(tune.Stopper):
+    """Stops the whole experiment once the run is no longer TUNING (cancelled or failed)."""
+
+    CHECK_EVERY_S = 1.0
+
+    def __init__(self, app: App, account_id: str, run_id: str):
+        self.app, self.account_id, self.run_id = app, account_id, run_id
+        self._checked, self._stop = 0.0, False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "app"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.app = current_app()
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return self.stop_all()
+
+    def stop_all(self) -> bool:
+        now = time.monotonic()
+        if not self._stop and now - self._checked >= self.CHECK_EVERY_S:
+            self._checked = now
+            with self.app.session() as session:
+                self._stop = get_run(session, self.account_id, self.run_id).status != RunStatus.TUNING.value
+        return self._stop
+
+
+def _abandon_unfinished_trials(app: App, account_id: str, run_id: str) -> None:
+    """Trials left RUNNING by a worker that died are not running any more: say so."""
+    with app.session() as session:
+        for trial in session.scalars(
+            select(Trial).where(Trial.account_id == account_id, Trial.run_id == run_id, Trial.status == "RUNNING")
+        ):
+            trial.status, trial.ended_at = "FAILED", utcnow()
+            trial.failure_reason = "abandoned: the worker running this trial stopped; the run's tuning started again"
+
+
 def _best_trial(trials: list[Trial], mode: str) -> Trial | None:
     done = [t for t in trials if t.status == "COMPLETED" and t.objective is not None]
     if not done:
         return None
     key = (lambda t: (t.objective, -t.number)) if mode == "max" else (lambda t: (-t.objective, -t.number))
     return max(done, key=key)
+
+
+def _fit(app: App, account_id: str, run_id: str, spec: TrialSpec, config: ModelConfig, run_folder: Path) -> None:
+    """One Ray Tune experiment over the run's search space."""
+    approach = config.training_approach
+    mode = approach.objective.mode
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"cpu": 1}),
+        param_space=to_param_space(approach.search_space),
+        tune_config=tune.TuneConfig(
+            num_samples=approach.max_trials, metric="objective", mode=mode,
+            search_alg=BasicVariantGenerator(random_state=approach.seed),
+            max_concurrent_trials=approach.max_parallel_trials,
+        ),
+        run_config=tune.RunConfig(
+            # A redelivered message starts a fresh experiment beside the dead one's.
+            name=f"experiment-{int(time.time() * 1000)}", storage_path=str(run_folder / "ray"),
+            callbacks=[TrialRecorder(app, account_id, run_id, spec, mode)],
+            stop=RunCancelled(app, account_id, run_id), verbose=0,
+        ),
+    )
+    tuner.fit()
 
 
 def tune_run(app: App, account_id: str, run_id: str) -> bool:
@@ -179,7 +247,10 @@ def tune_run(app: App, account_id: str, run_id: str) -> bool:
                 return False
             config = ModelConfig.model_validate(run.config)
             image = resolve_image(session, config.training_approach.training_image)
+            # The inference image is needed right after tuning: fail now, not after the trials.
+            resolve_image(session, config.deploy_approach.inference_image)
             snapshot_id = run.snapshot_id
+        _abandon_unfinished_trials(app, account_id, run_id)
         assert snapshot_id is not None
         approach = config.training_approach
         blobs = app.blobs(account_id)
@@ -211,20 +282,11 @@ def tune_run(app: App, account_id: str, run_id: str) -> bool:
         )
         mode = approach.objective.mode
         ensure_ray(app.settings)
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"cpu": 1}),
-            param_space=to_param_space(approach.search_space),
-            tune_config=tune.TuneConfig(
-                num_samples=approach.max_trials, metric="objective", mode=mode,
-                search_alg=BasicVariantGenerator(random_state=approach.seed),
-                max_concurrent_trials=approach.max_parallel_trials,
-            ),
-            run_config=tune.RunConfig(
-                name="experiment", storage_path=str(run_folder / "ray"),
-                callbacks=[TrialRecorder(app, account_id, run_id, spec, mode)], verbose=0,
-            ),
-        )
-        tuner.fit()
+        with _experiment_lock:
+            _fit(app, account_id, run_id, spec, config, run_folder)
+        with app.session() as session:
+            if get_run(session, account_id, run_id).status != RunStatus.TUNING.value:
+                return False  # cancelled while tuning
         with app.session() as session:
             trials = list(session.scalars(select(Trial).where(Trial.account_id == account_id, Trial.run_id == run_id)))
         best = _best_trial(trials, mode)

@@ -63,7 +63,7 @@ def ndjson_resources(
                 continue
             try:
                 data = orjson.loads(line)
-            except orjson.JSONDecodeError:
+            except (orjson.JSONDecodeError, RecursionError):
                 report.skip(f"{name}:{number}", "invalid JSON line")
                 continue
             yield from unpack(data, f"{name}:{number}", report)

@@ -41,3 +41,5 @@ class FolderSource:
                 report.skip(name, f"unreadable file ({type(exc).__name__})")
             except (orjson.JSONDecodeError, UnicodeDecodeError):
                 report.skip(name, "invalid JSON")
+            except RecursionError:
+                report.skip(name, "invalid JSON (nested too deeply)")
