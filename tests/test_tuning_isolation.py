@@ -63,6 +63,4 @@ def test_cancelling_a_run_stops_its_tuning(stack: Stack, tmp_path: Path) -> None
     assert run.state == pb.RUN_STATE_CANCELLED
     trials = client.list_trials(run_id)
     assert len(trials) < 6, "a cancelled run must not go on starting trials"
-    assert not any(t.status == "RUNNING" for t in trials) or wait_for(
-        lambda: not any(t.status == "RUNNING" for t in client.list_trials(run_id)), 30, "trials to end"
-    )
+    assert not any(t.status == "RUNNING" for t in trials), [(t.number, t.status) for t in trials]

@@ -195,14 +195,19 @@ class RunCancelled(tune.Stopper):
         return self._stop
 
 
-def _abandon_unfinished_trials(app: App, account_id: str, run_id: str) -> None:
-    """Trials left RUNNING by a worker that died are not running any more: say so."""
+ABANDONED = "abandoned: the worker running this trial stopped; the run's tuning started again"
+STOPPED = "stopped: the experiment ended before this trial did (the run was cancelled or failed)"
+
+
+def _close_unfinished_trials(app: App, account_id: str, run_id: str, status: str, reason: str) -> None:
+    """Trials still RUNNING when no experiment runs them any more are closed, saying why."""
     with app.session() as session:
         for trial in session.scalars(
             select(Trial).where(Trial.account_id == account_id, Trial.run_id == run_id, Trial.status == "RUNNING")
         ):
-            trial.status, trial.ended_at = "FAILED", utcnow()
-            trial.failure_reason = "abandoned: the worker running this trial stopped; the run's tuning started again"
+            trial.status, trial.ended_at, trial.failure_reason = status, utcnow(), reason
+            events.publish(session, account_id, "trial.finished", run_id=run_id,
+                           data={"trialId": trial.id, "status": status, "objective": trial.objective, "reason": reason})
 
 
 def _best_trial(trials: list[Trial], mode: str) -> Trial | None:
@@ -250,7 +255,7 @@ def tune_run(app: App, account_id: str, run_id: str) -> bool:
             # The inference image is needed right after tuning: fail now, not after the trials.
             resolve_image(session, config.deploy_approach.inference_image)
             snapshot_id = run.snapshot_id
-        _abandon_unfinished_trials(app, account_id, run_id)
+        _close_unfinished_trials(app, account_id, run_id, "FAILED", ABANDONED)
         assert snapshot_id is not None
         approach = config.training_approach
         blobs = app.blobs(account_id)
@@ -283,7 +288,10 @@ def tune_run(app: App, account_id: str, run_id: str) -> bool:
         mode = approach.objective.mode
         ensure_ray(app.settings)
         with _experiment_lock:
-            _fit(app, account_id, run_id, spec, config, run_folder)
+            try:
+                _fit(app, account_id, run_id, spec, config, run_folder)
+            finally:
+                _close_unfinished_trials(app, account_id, run_id, "STOPPED", STOPPED)
         with app.session() as session:
             if get_run(session, account_id, run_id).status != RunStatus.TUNING.value:
                 return False  # cancelled while tuning
