@@ -45,10 +45,14 @@ class BlobStore:
 
     def put(self, data: bytes) -> str:
         sha = sha256_bytes(data)
+        self.put_hashed(sha, data)
+        return sha
+
+    def put_hashed(self, sha: str, data: bytes) -> None:
+        """Store bytes whose sha256 the caller already computed (e.g. in a writer thread)."""
         target = self.path(sha)
         if not target.exists():
             self._write(target, lambda handle: handle.write(data))
-        return sha
 
     def put_file(self, source: Path) -> str:
         sha = sha256_file(source)

@@ -117,6 +117,7 @@ def test_r5_document_reference_is_read(tmp_path: Path) -> None:
     report = CurationReport()
     intake = BlobIntake(BlobStore(tmp_path / "blobs"), folder, Settings(home=tmp_path / "h"), frozenset())
     records = collect_records(FolderSource(folder).resources(report), [CODE], report, intake)
+    intake.finish()
     assert len(records.examples) == 60, report.to_json()
     times = sorted({e.time.month for e in records.examples})
     assert times == [1, 2, 3, 4, 5, 6], "R5 period.start must give each example its time"

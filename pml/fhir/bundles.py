@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pml.fhir.records import LABEL_CODE, LABEL_SYSTEM, MASK_CODE
+from pml.fhir.codes import LABEL_CODE, LABEL_SYSTEM, MASK_CODE
 
 
 @dataclass

@@ -19,13 +19,11 @@ from typing import Any, Iterable, Protocol
 
 from pydantic import ValidationError
 
+from pml.fhir.codes import LABEL_CODE, LABEL_SYSTEM, MASK_CODE
 from pml.fhir.dates import parse_fhir_datetime
 from pml.fhir.report import CurationReport
 from pml.fhir.sources.base import RawResource
 
-LABEL_SYSTEM = "urn:pml:label"
-LABEL_CODE = "label"
-MASK_CODE = "mask"
 FINAL_STATUSES = {"final", "amended", "corrected"}
 RELEVANT = frozenset({"Patient", "DocumentReference", "Media", "Observation"})
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import IO, Any, Callable, Iterable, Iterator, Protocol
 
 import orjson
 
+from pml.fhir.prefilter import ChunkPrefilter, LinePrefilter
 from pml.fhir.report import CurationReport
+
 
 
 @dataclass(frozen=True)
@@ -67,5 +69,57 @@ def ndjson_resources(
                 report.skip(f"{name}:{number}", "invalid JSON line")
                 continue
             yield from unpack(data, f"{name}:{number}", report)
+    finally:
+        report.resources_read += skipped
+
+
+BLOCK = 8 * 1024 * 1024  # bytes read at a time by ndjson_blocks
+
+
+def ndjson_blocks(handle: IO[bytes], name: str, report: CurationReport, prefilter: LinePrefilter) -> Iterator[RawResource]:
+    """Like ``ndjson_resources`` for a file, deciding a block of lines at a time.
+
+    Most lines of a bulk export never reach Python: the block is searched for the few lines
+    that can matter (see ``ChunkPrefilter``) and only those are parsed.
+    """
+    chunks = ChunkPrefilter(prefilter)
+    carry = b""
+    line_base = 0  # lines before the current block
+    skipped = 0
+    try:
+        while True:
+            data = handle.read(BLOCK)
+            if not data:
+                block, carry = carry, b""
+                if block and not block.endswith(b"\n"):
+                    block += b"\n"
+            else:
+                cut = data.rfind(b"\n")
+                if cut == -1:
+                    carry += data
+                    continue
+                block, carry = carry + data[: cut + 1], data[cut + 1 :]
+            if not block:
+                break
+            starts = chunks.candidates(block)
+            lines = block.count(b"\n")
+            skipped += lines - len(starts)
+            counted, previous = line_base, 0
+            for start in starts:
+                counted += block.count(b"\n", previous, start)
+                previous = start
+                end = block.find(b"\n", start)
+                line = block[start:end]
+                if not line.strip():
+                    continue
+                try:
+                    resource = orjson.loads(line)
+                except (orjson.JSONDecodeError, RecursionError):
+                    report.skip(f"{name}:{counted + 1}", "invalid JSON line")
+                    continue
+                yield from unpack(resource, f"{name}:{counted + 1}", report)
+            line_base += lines
+            if not data:
+                break
     finally:
         report.resources_read += skipped

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from pml.fhir.report import CurationReport
-from pml.fhir.sources.base import RawResource, ndjson_resources, unpack
+from pml.fhir.prefilter import LinePrefilter
+from pml.fhir.sources.base import RawResource, ndjson_blocks, ndjson_resources, unpack
 
 SUFFIXES = (".json", ".json.gz", ".ndjson", ".ndjson.gz")
 
@@ -32,7 +33,10 @@ class FolderSource:
             try:
                 if ".ndjson" in path.name:
                     with _open(path) as handle:
-                        yield from ndjson_resources(handle, name, report, wanted)
+                        if isinstance(wanted, LinePrefilter):
+                            yield from ndjson_blocks(handle, name, report, wanted)
+                        else:
+                            yield from ndjson_resources(handle, name, report, wanted)
                 else:
                     with _open(path) as handle:
                         data = orjson.loads(handle.read())
