@@ -48,6 +48,18 @@ def unpack(resource: Any, origin: str, report: CurationReport) -> Iterator[RawRe
         yield from unpack(inner, f"{origin}#entry[{i}]", report)
 
 
+def _line_resources(line: bytes, origin: str, report: CurationReport) -> Iterator[RawResource]:
+    """The resources of one NDJSON line; a line that is not JSON is reported."""
+    if not line.strip():
+        return
+    try:
+        data = orjson.loads(line)
+    except (orjson.JSONDecodeError, RecursionError):
+        report.skip(origin, "invalid JSON line")
+        return
+    yield from unpack(data, origin, report)
+
+
 def ndjson_resources(
     lines: Iterable[bytes], name: str, report: CurationReport, wanted: Callable[[bytes], bool] | None = None
 ) -> Iterator[RawResource]:
@@ -61,14 +73,7 @@ def ndjson_resources(
             if wanted is not None and not wanted(line):
                 skipped += 1
                 continue
-            if not line.strip():
-                continue
-            try:
-                data = orjson.loads(line)
-            except (orjson.JSONDecodeError, RecursionError):
-                report.skip(f"{name}:{number}", "invalid JSON line")
-                continue
-            yield from unpack(data, f"{name}:{number}", report)
+            yield from _line_resources(line, f"{name}:{number}", report)
     finally:
         report.resources_read += skipped
 
@@ -108,16 +113,7 @@ def ndjson_blocks(handle: IO[bytes], name: str, report: CurationReport, prefilte
             for start in starts:
                 counted += block.count(b"\n", previous, start)
                 previous = start
-                end = block.find(b"\n", start)
-                line = block[start:end]
-                if not line.strip():
-                    continue
-                try:
-                    resource = orjson.loads(line)
-                except (orjson.JSONDecodeError, RecursionError):
-                    report.skip(f"{name}:{counted + 1}", "invalid JSON line")
-                    continue
-                yield from unpack(resource, f"{name}:{counted + 1}", report)
+                yield from _line_resources(block[start : block.find(b"\n", start)], f"{name}:{counted + 1}", report)
             line_base += lines
             if not data:
                 break
