@@ -18,7 +18,9 @@ from urllib.parse import parse_qs, urlparse
 
 
 class FhirTestServer:
-    def __init__(self, resources: list[dict[str, Any]], token: str = "secret-token", flaky: int = 0):
+    def __init__(self, resources: list[dict[str, Any]], token: str = "secret-token", flaky: int = 0,
+                 raw_unicode: bool = False):
+        self.raw_unicode = raw_unicode  # write non-ASCII characters unescaped, as UTF-8
         self.resources = resources
         self.token = token
         self.flaky = flaky  # answer this many requests with 429/503 before serving
@@ -136,7 +138,7 @@ class FhirTestServer:
                        content_type="application/json")
         elif path.startswith("export-files/"):
             kind = path.removeprefix("export-files/").removesuffix(".ndjson")
-            lines = [json.dumps(r) for r in self.resources if r["resourceType"] == kind]
+            lines = [json.dumps(r, ensure_ascii=not self.raw_unicode) for r in self.resources if r["resourceType"] == kind]
             self._send(handler, 200, ("\n".join(lines) + "\n").encode(), content_type="application/fhir+ndjson")
         else:
             self._send(handler, 404, {"resourceType": "OperationOutcome"})

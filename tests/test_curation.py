@@ -371,3 +371,29 @@ def test_manifest_records_and_the_check_proves_no_patient_in_two_splits(tmp_path
     tampered = manifest.model_copy(update={"examples": [moved if e is other else e for e in manifest.examples]})
     with pytest.raises(StepFailed, match="patients appear in two splits"):
         check_usable(tampered, "")
+
+
+def test_byte_order_marks_and_patient_versions_do_not_change_what_is_read(tmp_path: Path) -> None:
+    folder = tmp_path / "fhir"
+    write_good(folder)
+    first, _ = curate(folder, tmp_path / "a")
+    path = folder / "p00.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    ndjson = folder / "patients.ndjson"
+    newer = {"resourceType": "Patient", "id": "p01", "gender": "female", "birthDate": "1970-01-01", "meta": {"versionId": "2"}}
+    older = {**newer, "gender": "male", "meta": {"versionId": "1"}}
+    ndjson.write_bytes(b"\xef\xbb\xbf" + json.dumps(newer).encode() + b"\n" + json.dumps(older).encode() + b"\n")
+    second, _ = curate(folder, tmp_path / "b")
+    assert second.report.examples == first.report.examples == 200
+    assert second.manifest.patients["p01"]["gender"] == "female", "the latest Patient version wins"
+    assert "invalid JSON" not in second.report.to_json()["skipped"]
+
+
+def test_a_stratified_split_of_too_little_data_says_why(tmp_path: Path) -> None:
+    folder = tmp_path / "fhir"
+    write_good(folder, n=20, patients=20)
+    model = config()
+    approach = model.training_approach.model_copy(update={"split": model.training_approach.split.model_copy(update={"strategy": "stratified"})})
+    model = model.model_copy(update={"training_approach": approach})
+    with pytest.raises(StepFailed, match="stratified split needs more examples of each label"):
+        curate_snapshot({"type": "folder", "path": str(folder)}, model, BlobStore(tmp_path / "blobs"), Settings(home=tmp_path / "h"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from pml.blobs import BlobStore
@@ -91,7 +92,7 @@ def test_a_wrong_token_is_reported_as_refused(resources: list[dict], tmp_path: P
 def test_next_links_to_another_host_are_not_followed(resources: list[dict], tmp_path: Path) -> None:
     with FhirTestServer(resources) as server:
         server.foreign_next = True
-        with pytest.raises(StepFailed, match="link to another host"):
+        with pytest.raises(StepFailed, match="not its own"):
             curate_from(server, tmp_path)
 
 
@@ -121,3 +122,29 @@ def test_r5_document_reference_is_read(tmp_path: Path) -> None:
     assert len(records.examples) == 60, report.to_json()
     times = sorted({e.time.month for e in records.examples})
     assert times == [1, 2, 3, 4, 5, 6], "R5 period.start must give each example its time"
+
+
+def test_links_that_change_scheme_or_loop_are_refused() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.url.scheme == "https", "the token must never travel over plain http"
+        next_url = "http://fhir.example/r4/DocumentReference?page=2" if "downgrade" in str(request.url) else str(request.url)
+        return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset", "entry": [],
+                                         "link": [{"relation": "next", "url": next_url}]})
+
+    downgrade = ServerSource("https://fhir.example/r4", ["downgrade"], token="SECRET", transport=httpx.MockTransport(answer))
+    with pytest.raises(StepFailed, match="not its own"):
+        list(downgrade.resources(CurationReport()))
+    looping = ServerSource("https://fhir.example/r4", ["x"], token="SECRET", transport=httpx.MockTransport(answer))
+    with pytest.raises(StepFailed, match="loop"):
+        list(looping.resources(CurationReport()))
+
+
+def test_bulk_lines_split_on_newline_only(resources: list[dict], tmp_path: Path) -> None:
+    """JSON strings may hold U+2028 or NEL unescaped; they do not end an NDJSON line."""
+    odd = [dict(r) for r in resources]
+    for r in odd:
+        if r["resourceType"] == "Patient":
+            r["name"] = [{"family": "Smith\u2028Jones\u0085"}]
+    with FhirTestServer(odd, raw_unicode=True) as server:
+        result = curate_from(server, tmp_path, mode="bulk")
+    assert result.report.examples == 120, result.report.to_json()["skipped"]

@@ -9,11 +9,14 @@ cross-validation folds (patient-grouped, time-ordered) serve tuning.
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel, Field
 from sklearn.model_selection import StratifiedGroupKFold
+
+from pml.errors import StepFailed
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 
@@ -65,7 +68,8 @@ def _by_time(items: list[SplitItem], policy: SplitPolicy) -> dict[str, str]:
 def _one_fold(items: list[SplitItem], fraction: float, seed: int) -> set[str]:
     """Patients of one stratified, grouped fold holding about ``fraction`` of the examples."""
     patients = sorted({i.patient for i in items})
-    n_splits = max(2, min(round(1 / fraction), len(patients)))
+    largest_label = max(Counter(i.label for i in items).values())
+    n_splits = max(2, min(round(1 / fraction), len(patients), largest_label))
     ordered = sorted(items, key=lambda i: (i.patient, i.time, i.label))
     labels = np.array([i.label for i in ordered])
     groups = np.array([i.patient for i in ordered])
@@ -75,9 +79,15 @@ def _one_fold(items: list[SplitItem], fraction: float, seed: int) -> set[str]:
 
 
 def _stratified(items: list[SplitItem], policy: SplitPolicy) -> dict[str, str]:
-    test = _one_fold(items, policy.test_fraction, policy.seed)
-    rest = [i for i in items if i.patient not in test]
-    validation = _one_fold(rest, policy.validation_fraction / (1 - policy.test_fraction), policy.seed + 1)
+    try:
+        test = _one_fold(items, policy.test_fraction, policy.seed)
+        rest = [i for i in items if i.patient not in test]
+        validation = _one_fold(rest, policy.validation_fraction / (1 - policy.test_fraction), policy.seed + 1)
+    except ValueError as exc:  # scikit-learn's word for too few examples per label
+        raise StepFailed(
+            f"a stratified split needs more examples of each label than folds ({exc}); "
+            "use the time split or larger fractions"
+        ) from None
     return {
         i.patient: TEST if i.patient in test else VALIDATION if i.patient in validation else TRAIN for i in items
     }

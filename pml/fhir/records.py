@@ -14,9 +14,11 @@ with fhir.resources, which is far slower than parsing.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
+import orjson
 from pydantic import ValidationError
 
 from pml.fhir.codes import LABEL_CODE, LABEL_SYSTEM, MASK_CODE
@@ -170,10 +172,11 @@ class _Latest:
 
     def __init__(self, report: CurationReport):
         self.report = report
-        self.best: dict[str, tuple[int, str]] = {}
+        self.best: dict[str, tuple[int, str, str]] = {}
 
     def newer(self, key: str, resource: dict[str, Any]) -> bool:
-        version = _version_key(resource)
+        # Equal versions are ordered by content, so the file order never decides.
+        version = (*_version_key(resource), hashlib.sha256(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)).hexdigest())
         old = self.best.get(key)
         if old is not None:
             self.report.skip(key, "duplicate resource (kept the latest version)")
@@ -280,7 +283,8 @@ def collect_records(
             continue
         key = f"{kind}/{rid}"
         if kind == "Patient":
-            patients[rid] = PatientInfo(gender=resource.get("gender"), birth_date=resource.get("birthDate"))
+            if latest.newer(key, resource):
+                patients[rid] = PatientInfo(gender=resource.get("gender"), birth_date=resource.get("birthDate"))
         elif kind == "Observation":
             if _is_label(resource, LABEL_CODE) and latest.newer(key, resource):
                 labels.pop(key, None)

@@ -48,8 +48,13 @@ def unpack(resource: Any, origin: str, report: CurationReport) -> Iterator[RawRe
         yield from unpack(inner, f"{origin}#entry[{i}]", report)
 
 
+BOM = b"\xef\xbb\xbf"
+
+
 def _line_resources(line: bytes, origin: str, report: CurationReport) -> Iterator[RawResource]:
     """The resources of one NDJSON line; a line that is not JSON is reported."""
+    if line.startswith(BOM):  # some Windows tools start a file with one
+        line = line[len(BOM) :]
     if not line.strip():
         return
     try:
@@ -94,6 +99,8 @@ def ndjson_blocks(handle: IO[bytes], name: str, report: CurationReport, prefilte
     try:
         while True:
             data = handle.read(BLOCK)
+            if line_base == 0 and not carry and data.startswith(BOM):
+                data = data[len(BOM) :]
             if not data:
                 block, carry = carry, b""
                 if block and not block.endswith(b"\n"):

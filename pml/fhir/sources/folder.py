@@ -10,7 +10,7 @@ from typing import IO, Callable, Iterator
 
 from pml.fhir.report import CurationReport
 from pml.fhir.prefilter import LinePrefilter
-from pml.fhir.sources.base import RawResource, ndjson_blocks, ndjson_resources, unpack
+from pml.fhir.sources.base import BOM, RawResource, ndjson_blocks, ndjson_resources, unpack
 
 SUFFIXES = (".json", ".json.gz", ".ndjson", ".ndjson.gz")
 
@@ -39,7 +39,7 @@ class FolderSource:
                             yield from ndjson_resources(handle, name, report, wanted)
                 else:
                     with _open(path) as handle:
-                        data = orjson.loads(handle.read())
+                        data = orjson.loads(handle.read().removeprefix(BOM))
                     yield from unpack(data, name, report)
             except (OSError, EOFError, gzip.BadGzipFile) as exc:
                 report.skip(name, f"unreadable file ({type(exc).__name__})")

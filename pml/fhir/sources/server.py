@@ -21,8 +21,20 @@ from pml.fhir.report import CurationReport
 from pml.fhir.sources.base import RawResource, ndjson_resources, unpack
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
+MAX_PAGES = 100_000
 MAX_RETRY_AFTER_S = 60.0
 EXPORT_TYPES = "Patient,DocumentReference,Media,Observation"
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """NDJSON lines end at \\n only (JSON strings may hold U+2028 or NEL unescaped)."""
+    rest = b""
+    for chunk in chunks:
+        rest += chunk
+        *lines, rest = rest.split(b"\n")
+        yield from lines
+    if rest:
+        yield rest
 
 
 class ServerSource:
@@ -57,9 +69,14 @@ class ServerSource:
     # -- plumbing ---------------------------------------------------------------------
 
     def _same_server(self, url: str) -> str:
+        """The absolute URL, if it is on the configured server (same scheme, host and port)."""
         absolute = urljoin(self.base_url, url)
-        if urlparse(absolute).netloc != urlparse(self.base_url).netloc:
-            raise StepFailed(f"the FHIR server sent a link to another host ({urlparse(absolute).netloc}); not followed")
+        there, here = urlparse(absolute), urlparse(self.base_url)
+        if (there.scheme, there.netloc) != (here.scheme, here.netloc):
+            raise StepFailed(
+                f"the FHIR server sent a link to {there.scheme}://{there.netloc}, not its own "
+                f"{here.scheme}://{here.netloc}; not followed (the token goes nowhere else)"
+            )
         return absolute
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -116,7 +133,11 @@ class ServerSource:
                 params.append(("_revinclude", "DocumentReference:relatesto"))
             url: str | None = f"{kind}"
             page = 0
+            seen: set[str] = set()
             while url:
+                if url in seen or page >= MAX_PAGES:
+                    raise StepFailed(f"the FHIR server's {kind} search pages loop or go on past {MAX_PAGES} pages")
+                seen.add(url)
                 page += 1
                 response = self._request("GET", url, params=params if page == 1 else None)
                 if kind == "Media" and response.status_code in (400, 404):
@@ -151,17 +172,34 @@ class ServerSource:
             if not isinstance(url, str):
                 report.skip(f"$export output[{i}]", "export output without a url")
                 continue
-            with self.client.stream("GET", self._same_server(url), headers={"Accept": "application/fhir+ndjson"}) as response:
-                self.requests += 1
-                if response.status_code != 200:
-                    raise StepFailed(f"downloading $export file {i} answered HTTP {response.status_code}")
-                name = f"$export/{item.get('type', 'file')}[{i}]"
-                lines = (line.encode() for line in response.iter_lines())
-                yield from ndjson_resources(lines, name, report, wanted)
+            name = f"$export/{item.get('type', 'file')}[{i}]"
+            yield from self._download(self._same_server(url), i, name, report, wanted)
         try:
             self._request("DELETE", status_url)  # the server may drop the files now
         except StepFailed:
             pass
+
+    def _download(
+        self, url: str, index: int, name: str, report: CurationReport, wanted: Callable[[bytes], bool] | None
+    ) -> Iterator[RawResource]:
+        """Stream one export file, retrying its start like any other request."""
+        started = False
+        for attempt in range(self.max_retries + 1):
+            self.requests += 1
+            try:
+                with self.client.stream("GET", url, headers={"Accept": "application/fhir+ndjson"}) as response:
+                    if response.status_code in RETRY_STATUS and attempt < self.max_retries:
+                        time.sleep(self._retry_after(response, self.backoff_s * 2**attempt))
+                        continue
+                    if response.status_code != 200:
+                        raise StepFailed(f"downloading $export file {index} answered HTTP {response.status_code}")
+                    started = True
+                    yield from ndjson_resources(_split_lines(response.iter_bytes()), name, report, wanted)
+                    return
+            except httpx.TransportError as exc:
+                if started or attempt == self.max_retries:  # half a file read: not retried
+                    raise StepFailed(f"downloading $export file {index} failed ({type(exc).__name__})") from None
+                time.sleep(self.backoff_s * 2**attempt)
 
     def resources(self, report: CurationReport, wanted: Callable[[bytes], bool] | None = None) -> Iterator[RawResource]:
         try:
