@@ -397,3 +397,29 @@ def test_a_stratified_split_of_too_little_data_says_why(tmp_path: Path) -> None:
     model = model.model_copy(update={"training_approach": approach})
     with pytest.raises(StepFailed, match="stratified split needs more examples of each label"):
         curate_snapshot({"type": "folder", "path": str(folder)}, model, BlobStore(tmp_path / "blobs"), Settings(home=tmp_path / "h"))
+
+
+def test_transaction_bundles_with_urn_uuid_references_are_resolved(tmp_path: Path) -> None:
+    """Synthea-style: entries carry fullUrl urn:uuid:…, and references use those urns."""
+    folder = tmp_path / "fhir"
+    write_good(folder, n=120, patients=12)
+    plain, _ = curate(folder, tmp_path / "a")
+    urn = {}
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        data["type"] = "transaction"
+        for entry in data["entry"]:
+            resource = entry["resource"]
+            key = f"{resource['resourceType']}/{resource['id']}"
+            urn[key] = entry["fullUrl"] = f"urn:uuid:{abs(hash(key)):032x}"
+            entry["request"] = {"method": "PUT", "url": key}
+        for entry in data["entry"]:
+            resource = entry["resource"]
+            if "subject" in resource:
+                resource["subject"]["reference"] = urn[resource["subject"]["reference"]]
+            for ref in resource.get("derivedFrom", []):
+                ref["reference"] = urn[ref["reference"]]
+        path.write_text(json.dumps(data))
+    resolved, _ = curate(folder, tmp_path / "b")
+    assert resolved.report.examples == 120, resolved.report.to_json()["skipped"]
+    assert resolved.manifest.snapshot_id() == plain.manifest.snapshot_id()

@@ -98,10 +98,17 @@ def _is_label(resource: dict[str, Any], code: str) -> bool:
     return any(c.get("system") == LABEL_SYSTEM and c.get("code") == code for c in _codings(resource, "type", "code"))
 
 
+URN_PREFIXES = ("urn:uuid:", "urn:oid:")
+
+
 def _reference_id(reference: Any, resource_types: tuple[str, ...]) -> str | None:
+    """``Type/id`` of a reference; a ``urn:uuid:`` reference is returned as it is, to be
+    resolved through the Bundle entries' fullUrls once the whole source has been read."""
     if not isinstance(reference, dict) or not isinstance(reference.get("reference"), str):
         return None
     ref = reference["reference"].split("/_history/")[0]
+    if ref.startswith(URN_PREFIXES):
+        return ref
     parts = ref.rsplit("/", 2)
     if len(parts) >= 2 and parts[-2] in resource_types and parts[-1]:
         return f"{parts[-2]}/{parts[-1]}"
@@ -211,7 +218,8 @@ def _example(resource: dict[str, Any], key: str, intake: AttachmentIntake, repor
     meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
     return ExampleRecord(
         resource_type=resource["resourceType"], id=resource["id"], version=str(meta.get("versionId") or ""),
-        patient_id=patient_ref.split("/", 1)[1], time=time, image=image,
+        patient_id=patient_ref if patient_ref.startswith(URN_PREFIXES) else patient_ref.split("/", 1)[1],
+        time=time, image=image,
     )
 
 
@@ -269,6 +277,7 @@ def collect_records(
     examples: dict[str, ExampleRecord] = {}
     labels: dict[str, tuple[list[str], set[str]]] = {}
     masks: dict[str, tuple[list[str], StoredImage]] = {}
+    aliases: dict[str, str] = {}  # Bundle entry fullUrl → "Type/id"
 
     for raw in stream:
         report.resources_read += 1  # (lines a prefilter skipped are counted by the source)
@@ -282,6 +291,8 @@ def collect_records(
                 report.skip(raw.origin, f"{kind} without an id")
             continue
         key = f"{kind}/{rid}"
+        if raw.full_url:
+            aliases[raw.full_url] = key
         if kind == "Patient":
             if latest.newer(key, resource):
                 patients[rid] = PatientInfo(gender=resource.get("gender"), birth_date=resource.get("birthDate"))
@@ -305,11 +316,12 @@ def collect_records(
 
     for targets, names in labels.values():
         for target in targets:
+            target = aliases.get(target, target)
             if target in examples:
                 examples[target].labels.update(names)
     for key, (targets, mask) in sorted(masks.items()):
         for target in targets:
-            example = examples.get(target)
+            example = examples.get(aliases.get(target, target))
             if example is None:
                 continue
             if example.mask is not None:
@@ -319,6 +331,9 @@ def collect_records(
 
     kept: list[ExampleRecord] = []
     for key, example in sorted(examples.items()):
+        if example.patient_id.startswith(URN_PREFIXES):
+            resolved = aliases.get(example.patient_id, "")
+            example.patient_id = resolved.split("/", 1)[1] if resolved.startswith("Patient/") else ""
         if example.patient_id not in patients:
             report.skip(key, "unknown patient (no Patient resource in the source)")
             continue

@@ -18,6 +18,8 @@ class RawResource:
     resource: dict[str, Any]
     origin: str
     """Where it came from (file and entry or line), for the curation report."""
+    full_url: str | None = None
+    """The Bundle entry's fullUrl (e.g. ``urn:uuid:…``), which references may use."""
 
 
 class FhirSource(Protocol):
@@ -32,20 +34,21 @@ class FhirSource(Protocol):
         ...
 
 
-def unpack(resource: Any, origin: str, report: CurationReport) -> Iterator[RawResource]:
+def unpack(resource: Any, origin: str, report: CurationReport, full_url: str | None = None) -> Iterator[RawResource]:
     """A resource, or every resource of a Bundle of any type (nested Bundles too)."""
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         report.skip(origin, "not a FHIR resource (no resourceType)")
         return
     if resource["resourceType"] != "Bundle":
-        yield RawResource(resource, origin)
+        yield RawResource(resource, origin, full_url)
         return
     for i, entry in enumerate(resource.get("entry") or []):
         inner = entry.get("resource") if isinstance(entry, dict) else None
         if inner is None:
             report.skip(f"{origin}#entry[{i}]", "bundle entry without a resource")
             continue
-        yield from unpack(inner, f"{origin}#entry[{i}]", report)
+        url = entry.get("fullUrl")
+        yield from unpack(inner, f"{origin}#entry[{i}]", report, url if isinstance(url, str) else None)
 
 
 BOM = b"\xef\xbb\xbf"
