@@ -423,3 +423,21 @@ def test_transaction_bundles_with_urn_uuid_references_are_resolved(tmp_path: Pat
     resolved, _ = curate(folder, tmp_path / "b")
     assert resolved.report.examples == 120, resolved.report.to_json()["skipped"]
     assert resolved.manifest.snapshot_id() == plain.manifest.snapshot_id()
+
+
+def test_record_files_linked_from_outside_the_source_are_not_read(tmp_path: Path) -> None:
+    folder = tmp_path / "fhir"
+    write_good(folder)
+    elsewhere = tmp_path / "other-account"
+    write_good(elsewhere, n=40, patients=4)
+    theirs = json.loads((elsewhere / "p00.json").read_text())
+    for entry in theirs["entry"]:
+        resource = entry["resource"]
+        if resource["resourceType"] != "Patient":
+            resource["id"] = "x-" + resource["id"]
+        for ref in resource.get("derivedFrom", []):
+            ref["reference"] = ref["reference"].replace("DocumentReference/", "DocumentReference/x-")
+    (elsewhere / "theirs.json").write_text(json.dumps(theirs))
+    os.symlink(elsewhere / "theirs.json", folder / "linked.json")
+    result, _ = curate(folder, tmp_path)
+    assert result.report.examples == 200, "a symlinked file from outside must not add records"

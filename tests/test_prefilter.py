@@ -68,3 +68,9 @@ def test_block_scan_chooses_exactly_the_lines_the_line_filter_chooses(seed: int)
         position += len(line) + 1
     expected = [o for o, line in zip(offsets, lines) if line_filter(line)]
     assert ChunkPrefilter(line_filter).candidates(block) == expected
+
+
+def test_codes_with_quotes_or_backslashes_are_found_as_json_writes_them() -> None:
+    keep = LinePrefilter(['urn:x|a"b\\c'])
+    line = json.dumps({"resourceType": "DocumentReference", "type": {"coding": [{"code": 'a"b\\c'}]}}).encode()
+    assert keep(line)

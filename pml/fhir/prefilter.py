@@ -12,6 +12,8 @@ its JSON is not checked.
 
 from __future__ import annotations
 
+import orjson
+
 from pml.fhir.codes import LABEL_SYSTEM
 
 # Plain substring tests (memchr-fast); a regex per line costs several times more here.
@@ -27,9 +29,11 @@ class LinePrefilter:
     def __init__(self, codes: list[str]):
         needles = {LABEL_SYSTEM.encode()}
         for code in codes:
-            value = code.split("|")[-1].encode()
-            needles.add(value)
-            needles.add(value.replace(b"/", b"\\/"))  # some writers escape slashes
+            value = code.split("|")[-1]
+            raw = value.encode()
+            needles.add(raw)
+            needles.add(raw.replace(b"/", b"\\/"))  # some writers escape slashes
+            needles.add(orjson.dumps(value)[1:-1])  # as JSON writes it (quotes, backslashes)
         # JSON \u escapes could hide a needle: such lines are parsed too.
         self.coded_needles = tuple(sorted(needles)) + (b"\\u",)
         self.needles = self.coded_needles + ALWAYS

@@ -24,7 +24,14 @@ class FolderSource:
         self.root = root.resolve()
 
     def files(self) -> list[Path]:
-        found = [p for p in self.root.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES)]
+        """The record files, never one whose real path (symlinks followed) is outside the root."""
+        found = []
+        for path in self.root.rglob("*"):
+            if not path.name.endswith(SUFFIXES) or not path.is_file():
+                continue
+            real = path.resolve()
+            if real == self.root or self.root in real.parents:
+                found.append(path)
         return sorted(found)
 
     def resources(self, report: CurationReport, wanted: Callable[[bytes], bool] | None = None) -> Iterator[RawResource]:
