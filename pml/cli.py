@@ -6,13 +6,16 @@ import json
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from pml.settings import Settings
+
+if TYPE_CHECKING:
+    from pml.app import App
 
 app = typer.Typer(no_args_is_help=True, help="pml: patient ML service.")
 images = typer.Typer(no_args_is_help=True, help="The image registry (image URI → local folder).")
@@ -22,7 +25,8 @@ app.add_typer(accounts, name="accounts")
 console = Console()
 
 
-def _app():  # type: ignore[no-untyped-def]
+def _app() -> "App":
+    """The store and broker from the environment (imported late: `pml --help` stays fast)."""
     from pml.app import App
 
     return App(Settings())

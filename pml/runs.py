@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from pml import events
 from pml.app import App
-from pml.errors import FailedPrecondition, NotFound, StepFailed
+from pml.errors import FailedPrecondition, InvalidArgument, NotFound, StepFailed
 from pml.models import get_model
 from pml.store.tables import Approval, Run, utcnow
 
@@ -115,7 +115,7 @@ def approve_run(
     Returns the approval and whether a cloud deployment must follow.
     """
     if decision not in ("approved", "rejected"):
-        raise FailedPrecondition(f"decision must be 'approved' or 'rejected', not {decision!r}")
+        raise InvalidArgument([("decision", f"must be 'approved' or 'rejected', not {decision!r}")])
     run = get_run(session, account_id, run_id, for_update=True)
     if run.status != RunStatus.COMPLETED.value:
         raise FailedPrecondition(f"run {run_id} is {run.status}; only a COMPLETED run can be approved")

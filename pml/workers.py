@@ -23,13 +23,11 @@ from pml.tuning.tuner import shutdown_ray
 def load_actors(broker: dramatiq.Broker) -> None:
     """Register every actor of ``actors/`` on ``broker`` (re-pointing them if already loaded)."""
     dramatiq.set_broker(broker)
-    package = importlib.import_module("actors")
     for name in STEPS.values():
         actor = getattr(importlib.import_module(f"actors.{name}"), name)
         if actor.broker is not broker:
             actor.broker = broker
             broker.declare_actor(actor)
-    del package
 
 
 def start_workers(app: App, queues: set[str] | None = None, threads: int | None = None) -> Worker:
