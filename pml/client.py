@@ -26,6 +26,9 @@ class PmlClient:
         self.accounts = rpc.AccountServiceStub(self.channel)
         self.models = rpc.ModelServiceStub(self.channel)
         self.runs = rpc.RunServiceStub(self.channel)
+        self.events = rpc.EventServiceStub(self.channel)
+        self.webhooks = rpc.WebhookServiceStub(self.channel)
+        self.audit = rpc.AuditServiceStub(self.channel)
         self.snapshots = rpc.SnapshotServiceStub(self.channel)
         self.approvals = rpc.ApprovalServiceStub(self.channel)
         self.predictions = rpc.PredictionServiceStub(self.channel)
@@ -66,7 +69,7 @@ class PmlClient:
 
     def watch_run(self, run_id: str, after_event_id: int = 0) -> Iterator[pb.Event]:
         """Events of a run until it reaches a terminal state (replay, then live)."""
-        stream = self.runs.WatchRun(pb.WatchRunRequest(run_id=run_id, after_event_id=after_event_id), metadata=self.metadata)
+        stream = self.events.WatchRun(pb.WatchRunRequest(run_id=run_id, after_event_id=after_event_id), metadata=self.metadata)
         try:
             for event in stream:
                 yield event

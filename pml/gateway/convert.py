@@ -8,7 +8,7 @@ import json
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pml.accounts import public_fhir_source
-from pml.store.tables import Account, Approval, Event, Model, Run, Trial
+from pml.store.tables import Account, ApiKey, Approval, AuditEntry, Event, Model, Run, Trial
 from pml.v1 import pml_pb2 as pb
 
 
@@ -51,13 +51,28 @@ def run(row: Run) -> pb.Run:
     )
 
 
-def trial(row: Trial) -> pb.Trial:
+def api_key(row: ApiKey) -> pb.ApiKey:
+    return pb.ApiKey(
+        id=row.id, account_id=row.account_id, name=row.name, create_time=timestamp(row.created_at),
+        revoke_time=timestamp(row.revoked_at),
+    )
+
+
+def audit_entry(row: AuditEntry) -> pb.AuditEntry:
+    return pb.AuditEntry(
+        id=row.id, account_id=row.account_id, actor=row.actor, action=row.action, target_type=row.target_type,
+        target_id=row.target_id, outcome=row.outcome, interface=row.interface, create_time=timestamp(row.created_at),
+    )
+
+
+def trial(row: Trial, with_series: bool = False) -> pb.Trial:
     return pb.Trial(
         id=row.id, run_id=row.run_id, number=row.number, status=row.status,
         hyperparameters={k: str(v) for k, v in row.hyperparameters.items()},
         objective=row.objective or 0.0, has_objective=row.objective is not None,
         final_metrics={k: float(v) for k, v in (row.final_metrics or {}).items()},
         failure_reason=row.failure_reason or "",
+        start_time=timestamp(row.started_at), end_time=timestamp(row.ended_at),
     )
 
 

@@ -62,6 +62,8 @@ class Model(Base):
     champion_run_id: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Deleted models stay for their runs' history and the audit log; the API no longer sees them.
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Run(Base):
@@ -131,6 +133,7 @@ class Approval(Base):
     decision: Mapped[str] = mapped_column(String(20))  # approved | rejected
     description: Mapped[str] = mapped_column(Text, default="")
     user: Mapped[str] = mapped_column(String(200), default="")
+    actor: Mapped[str] = mapped_column(String(64), default="")  # "key:<id>" or "admin"
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -158,4 +161,19 @@ class Event(Base):
     model_id: Mapped[str | None] = mapped_column(String(32), default=None)
     type: Mapped[str] = mapped_column(String(64))
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """Append-only: who did what to which object, and how it ended. Never patient data."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(String(64), index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str] = mapped_column(String(200), default="")
+    outcome: Mapped[str] = mapped_column(String(32))
+    interface: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
