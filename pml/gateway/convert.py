@@ -48,6 +48,7 @@ def run(row: Run) -> pb.Run:
         deploy_status=row.deploy_status or "", deploy_error=row.deploy_error or "",
         curation_report_json=json.dumps(row.curation_report) if row.curation_report else "",
         create_time=timestamp(row.created_at), end_time=timestamp(row.ended_at),
+        config_json=json.dumps(row.config),
     )
 
 
@@ -87,5 +88,5 @@ def approval(row: Approval) -> pb.Approval:
     decision = pb.DECISION_APPROVED if row.decision == "approved" else pb.DECISION_REJECTED
     return pb.Approval(
         id=row.id, run_id=row.run_id, decision=decision, description=row.description, user=row.user,
-        create_time=timestamp(row.created_at),
+        create_time=timestamp(row.created_at), actor=row.actor,
     )
