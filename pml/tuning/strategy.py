@@ -42,8 +42,9 @@ def search_algorithm(approach: TrainingApproach) -> SearchAlgorithm | Searcher:
             seed=approach.seed, n_startup_trials=bayesian_startup_trials(approach.max_trials)
         )
         return OptunaSearch(sampler=sampler)
-    # random and grid: Ray Tune's variant generator (grid_search domains for grid).
-    return BasicVariantGenerator(random_state=approach.seed)
+    # random and grid: Ray Tune's variant generator (grid_search domains for grid). It is no
+    # Searcher, so Tune ignores TuneConfig.max_concurrent_trials for it: it limits itself.
+    return BasicVariantGenerator(random_state=approach.seed, max_concurrent=approach.max_parallel_trials or 0)
 
 
 def param_space(approach: TrainingApproach) -> dict[str, Any]:
@@ -73,10 +74,12 @@ def scheduler(approach: TrainingApproach) -> TrialScheduler:
 
 def tune_config(approach: TrainingApproach) -> tune.TuneConfig:
     """Everything ``tune.TuneConfig`` takes from the config (objective, search, stopping)."""
+    search = search_algorithm(approach)
     return tune.TuneConfig(
-        metric="objective", mode=approach.objective.mode,
-        search_alg=search_algorithm(approach), scheduler=scheduler(approach),
-        num_samples=num_samples(approach), max_concurrent_trials=approach.max_parallel_trials,
+        metric="objective", mode=approach.objective.mode, search_alg=search, scheduler=scheduler(approach),
+        num_samples=num_samples(approach),
+        # A Searcher (Optuna) is wrapped in a ConcurrencyLimiter by Tune; None = what Ray can hold.
+        max_concurrent_trials=approach.max_parallel_trials if isinstance(search, Searcher) else None,
     )
 
 
