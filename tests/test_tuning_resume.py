@@ -19,7 +19,14 @@ from pml.runs import get_run
 from pml.settings import Settings
 from pml.store.tables import Trial
 from tests.conftest import REDIS_URL, ROOT, wait_for
-from tests.tuning_support import pid_alive, recorded_pids, run_ready_to_tune, starts, tuning_config
+from tests.tuning_support import (
+    environment_without_pml,
+    pid_alive,
+    recorded_pids,
+    run_ready_to_tune,
+    starts,
+    tuning_config,
+)
 
 MAX_TRIALS = 3
 
@@ -43,8 +50,9 @@ class Workers:
     """`pml worker --queues tune` processes on this test's own Redis namespace."""
 
     def __init__(self, settings: Settings, home: Path):
+        # The workers see only this test's settings, never the caller's PML_*.
         self.env = {
-            **{k: v for k, v in __import__("os").environ.items() if not k.startswith("PML_")},
+            **environment_without_pml(),
             "PML_HOME": str(settings.home), "PML_DATABASE_URL": str(settings.database_url),
             "PML_REDIS_URL": REDIS_URL, "PML_REDIS_NAMESPACE": settings.redis_namespace, "PML_RAY_NUM_CPUS": "2",
         }
