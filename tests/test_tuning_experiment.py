@@ -13,7 +13,8 @@ from pml.runs import get_run
 from pml.store.tables import Trial
 from pml.tuning.logs import trial_log_lines
 from pml.tuning.trial import SERIES_FILE
-from pml.tuning.tuner import trial_metric_series, tune_run
+from pml.trials import trial_metric_series
+from pml.tuning.tuner import tune_run
 from tests.tuning_support import pid_alive, recorded_pids, run_ready_to_tune, tuning_config
 
 

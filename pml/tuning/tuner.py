@@ -38,7 +38,6 @@ from pml.runs import RunStatus, get_run, run_step, set_status
 from pml.schemas.config import ModelConfig, TrainingApproach
 from pml.settings import Settings
 from pml.store.tables import Trial, TrialMetric, utcnow
-from pml.tuning.metrics import MetricPoint
 from pml.tuning.strategy import EARLY_STOPPING_RULES, param_space, tune_config
 from pml.tuning.trial import FAILURE_FILE, METRICS_FILE, SERIES_FILE, TrialSpec, run_trial
 
@@ -137,18 +136,6 @@ def _store_series(session: Session, account_id: str, trial_id: str, points: list
             account_id=account_id, trial_id=trial_id, metric=key[0], step=key[1], value=float(p["value"]),
             reported_at=dt.datetime.fromtimestamp(float(p["time"]), dt.timezone.utc),
         ))
-
-
-def trial_metric_series(session: Session, account_id: str, trial_id: str) -> dict[str, list[MetricPoint]]:
-    """A finished trial's metric series by metric name, in step order (for the API's charts)."""
-    rows = session.scalars(
-        select(TrialMetric).where(TrialMetric.account_id == account_id, TrialMetric.trial_id == trial_id)
-        .order_by(TrialMetric.metric, TrialMetric.step)
-    )
-    out: dict[str, list[MetricPoint]] = {}
-    for row in rows:
-        out.setdefault(row.metric, []).append(MetricPoint(step=row.step, value=row.value, time=row.reported_at.timestamp()))
-    return out
 
 
 class TrialRecorder(Callback):
