@@ -276,6 +276,21 @@ def runs_show(ctx: typer.Context, run_id: str, as_json: Json = False) -> None:
     console.print(table)
 
 
+@runs.command("logs")
+def runs_logs(
+    ctx: typer.Context, trial_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the trial ends.")] = False,
+    offset: Annotated[int, typer.Option(min=0, help="Start at this byte offset (from an earlier --json line).")] = 0,
+    as_json: Json = False,
+) -> None:
+    """A trial's training log (stdout and stderr of the image), as it is written."""
+    for line in _remote(ctx).trial_logs(trial_id, offset, follow):
+        if as_json:
+            print(json.dumps({"text": line.text, "nextOffset": line.next_offset}), flush=True)
+        else:
+            print(line.text, flush=True)
+
+
 @runs.command("cancel")
 def runs_cancel(ctx: typer.Context, run_id: str) -> None:
     run = _remote(ctx).cancel_run(run_id)

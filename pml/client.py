@@ -120,6 +120,11 @@ class PmlClient:
         finally:
             stream.cancel()
 
+    def trial_logs(self, trial_id: str, offset: int = 0, follow: bool = False) -> Iterator[pb.LogLine]:
+        """A trial's log lines from a byte offset; ``follow`` waits for new lines until it ends."""
+        request = pb.StreamTrialLogsRequest(trial_id=trial_id, offset=offset, follow=follow)
+        yield from self.runs.StreamTrialLogs(request, metadata=self.metadata)
+
     def get_snapshot(self, snapshot_id: str) -> pb.Snapshot:
         return self.snapshots.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=snapshot_id), metadata=self.metadata)
 

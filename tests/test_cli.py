@@ -77,6 +77,8 @@ def test_show_list_approve_predict_artifact_and_audit(cli_run: dict[str, Any], t
     run_id = cli_run["events"][0]["runId"]
     shown = cli.json("runs", "show", run_id)
     assert shown["state"] == "RUN_STATE_COMPLETED" and len(shown["trials"]) == 1
+    log = cli("runs", "logs", shown["trials"][0]["id"]).stdout
+    assert "validation:accuracy=" in log
     assert [r["id"] for r in cli.json("runs", "list", "--model", model["id"])] == [run_id]
     assert [m["id"] for m in cli.json("models", "list")] == [model["id"]]
     assert "imgClf" in cli("models", "list").stdout
