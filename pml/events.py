@@ -23,7 +23,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from pml.store.tables import Event
+from pml.store.tables import Event, Run
 
 # An arbitrary constant: the PostgreSQL advisory lock that puts event ids in commit order.
 EVENTS_LOCK_ID = 7_150_002
@@ -92,7 +92,13 @@ def publish(
     model_id: str | None = None,
     data: dict[str, Any] | None = None,
 ) -> Event:
-    """Record an event with this transaction; its id is assigned when the transaction commits."""
+    """Record an event with this transaction; its id is assigned when the transaction commits.
+
+    A run's event always names the run's model too, so a model filter sees trial events.
+    """
+    if run_id and not model_id:
+        run = session.get(Run, run_id)
+        model_id = run.model_id if run is not None else None
     event = Event(account_id=account_id, type=type, run_id=run_id, model_id=model_id, data=data or {})
     session.info.setdefault(_PENDING, []).append(event)
     return event

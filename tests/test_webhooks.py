@@ -84,13 +84,11 @@ def verify(secret: str, request: dict[str, Any]) -> dict[str, Any]:
 
 
 def subscribe(client: PmlClient, url: str, types: list[str]) -> pb.Subscription:
-    return client.webhooks.CreateSubscription(pb.CreateSubscriptionRequest(url=url, event_types=types),
-                                              metadata=client.metadata)
+    return client.create_webhook(url, types)
 
 
 def deliveries(client: PmlClient, subscription_id: str, state: str = "") -> list[pb.Delivery]:
-    request = pb.ListDeliveriesRequest(subscription_id=subscription_id, state=state)
-    return list(client.webhooks.ListDeliveries(request, metadata=client.metadata).deliveries)
+    return client.list_deliveries(subscription_id, state)
 
 
 def publish(app: App, account_id: str, type: str = "trial.metric", **data: Any) -> int:
