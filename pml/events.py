@@ -143,6 +143,9 @@ def install(sessions: sessionmaker[Session], after_insert: BeforeInsert, after_c
         pending: list[Event] = session.info.pop(_PENDING, [])
         if not pending:
             return
+        # Write the transaction's other changes first: once it holds the lock, a transaction
+        # only inserts new rows, so it never waits for a row lock that a waiter holds.
+        session.flush()
         if session.get_bind().dialect.name == "postgresql":
             session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": EVENTS_LOCK_ID})
         session.add_all(pending)
