@@ -3,6 +3,6 @@
 Importing this package registers every actor on the broker set with ``dramatiq.set_broker``.
 """
 
-from actors import curator, deployer, evaluator, tuner
+from actors import curator, deployer, evaluator, notify, tuner
 
-__all__ = ["curator", "tuner", "evaluator", "deployer"]
+__all__ = ["curator", "tuner", "evaluator", "deployer", "notify"]

@@ -6,6 +6,7 @@ build their own App against real services.
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,10 +15,14 @@ from typing import Iterator
 import dramatiq
 from sqlalchemy.orm import Session
 
+from pml import events, webhooks
 from pml.blobs import BlobStore
 from pml.broker import enqueue_step, make_broker
+from pml.eventbus import EventBus
 from pml.settings import Settings
 from pml.store.db import make_engine, make_sessionmaker, migrate
+
+log = logging.getLogger(__name__)
 
 
 class App:
@@ -28,6 +33,8 @@ class App:
         migrate(self.engine, settings.home)
         self.sessions = make_sessionmaker(self.engine)
         self._broker = broker
+        self.eventbus = EventBus(settings)
+        events.install(self.sessions, webhooks.plan_deliveries, self._events_committed)
 
     @property
     def broker(self) -> dramatiq.Broker:
@@ -47,8 +54,22 @@ class App:
     def blobs(self, account_id: str) -> BlobStore:
         return BlobStore(self.account_home(account_id) / "blobs")
 
-    def enqueue(self, queue: str, account_id: str, object_id: str) -> None:
-        enqueue_step(self.broker, queue, account_id, object_id)
+    def enqueue(self, queue: str, account_id: str, object_id: str, delay_s: float | None = None) -> None:
+        enqueue_step(self.broker, queue, account_id, object_id, delay_s)
+
+    def _events_committed(self, items: list[events.Announcement], deliveries: list[webhooks.PlannedDelivery]) -> None:
+        """After every commit that published events: wake the streams, hand deliveries to notify."""
+        self.eventbus.committed(items)
+        for planned in deliveries:
+            try:
+                self.enqueue("notify", planned.account_id, planned.delivery_id)
+            except Exception:  # committed already; the delivery stays PENDING and visible
+                log.exception("could not enqueue webhook delivery %s", planned.delivery_id)
+
+    def close(self) -> None:
+        """Stop the event stream reader and close the store's connections."""
+        self.eventbus.close()
+        self.engine.dispose()
 
 
 _current: App | None = None

@@ -18,6 +18,7 @@ STEPS = {
     "tune": "tuner",
     "evaluate": "evaluator",
     "deploy": "deployer",
+    "notify": "notify",
 }
 
 # Measured here: with dramatiq's defaults a dead worker's messages were not requeued within
@@ -39,8 +40,9 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
     return StubBroker()
 
 
-def enqueue_step(broker: dramatiq.Broker, queue: str, account_id: str, object_id: str) -> None:
-    """Send the message of one step; it carries ids only, never patient data."""
+def enqueue_step(broker: dramatiq.Broker, queue: str, account_id: str, object_id: str,
+                 delay_s: float | None = None) -> None:
+    """Send the message of one step (after ``delay_s`` if given); it carries ids only, never patient data."""
     message = dramatiq.Message(
         queue_name=queue,
         actor_name=STEPS[queue],
@@ -48,4 +50,4 @@ def enqueue_step(broker: dramatiq.Broker, queue: str, account_id: str, object_id
         kwargs={},
         options={},
     )
-    broker.enqueue(message)
+    broker.enqueue(message, delay=int(delay_s * 1000) if delay_s else None)

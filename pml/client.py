@@ -125,6 +125,39 @@ class PmlClient:
         request = pb.StreamTrialLogsRequest(trial_id=trial_id, offset=offset, follow=follow)
         yield from self.runs.StreamTrialLogs(request, metadata=self.metadata)
 
+    def watch_events(self, types: list[str] | None = None, run_id: str = "", model_id: str = "",
+                     after_event_id: int = 0) -> Iterator[pb.Event]:
+        """The account's events that match, replay then live, until the caller stops iterating.
+
+        Keep the last id received: reconnecting with it as ``after_event_id`` misses nothing.
+        """
+        request = pb.WatchEventsRequest(
+            filter=pb.EventFilter(types=types or [], run_id=run_id, model_id=model_id), after_event_id=after_event_id
+        )
+        stream = self.events.WatchEvents(request, metadata=self.metadata)
+        try:
+            yield from stream
+        finally:
+            stream.cancel()
+
+    def create_webhook(self, url: str, event_types: list[str] | None = None) -> pb.Subscription:
+        """Subscribe ``url``; the answer's ``secret`` is shown only this once."""
+        request = pb.CreateSubscriptionRequest(url=url, event_types=event_types or [])
+        return self.webhooks.CreateSubscription(request, metadata=self.metadata)
+
+    def list_webhooks(self) -> list[pb.Subscription]:
+        response = self.webhooks.ListSubscriptions(pb.ListSubscriptionsRequest(page_size=500), metadata=self.metadata)
+        return list(response.subscriptions)
+
+    def delete_webhook(self, subscription_id: str) -> None:
+        self.webhooks.DeleteSubscription(pb.DeleteSubscriptionRequest(subscription_id=subscription_id),
+                                         metadata=self.metadata)
+
+    def list_deliveries(self, subscription_id: str, state: str = "") -> list[pb.Delivery]:
+        """A subscription's deliveries, newest first (``state``: PENDING, DELIVERED or FAILED)."""
+        request = pb.ListDeliveriesRequest(subscription_id=subscription_id, state=state, page_size=500)
+        return list(self.webhooks.ListDeliveries(request, metadata=self.metadata).deliveries)
+
     def get_snapshot(self, snapshot_id: str) -> pb.Snapshot:
         return self.snapshots.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=snapshot_id), metadata=self.metadata)
 

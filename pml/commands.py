@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from pml import accounts, audit, models, runs
+from pml import accounts, audit, models, runs, webhooks
 from pml.app import App
 from pml.errors import PmlError
 from pml.serving.predict import Prediction, artifact_for
 from pml.serving.predict import predict as _predict
-from pml.store.tables import Account, ApiKey, Approval, Model, Run
+from pml.store.tables import Account, ApiKey, Approval, Model, Run, WebhookSubscription
 
 ADMIN = "admin"
 
@@ -149,3 +149,19 @@ def open_artifact(app: App, caller: Caller, model_id: str, run_id: str | None = 
     with audited(app, caller, "artifact.download", "run" if run_id else "model", run_id or model_id):
         sha, size = artifact_for(app, caller.account_id, model_id, run_id)
         return sha, size, app.blobs(caller.account_id).path(sha)
+
+
+# ---- webhooks ----------------------------------------------------------------------------
+
+
+def create_subscription(app: App, caller: Caller, url: str, event_types: list[str]) -> WebhookSubscription:
+    """A new webhook subscription; its secret is on the returned row (shown to the caller once)."""
+    with audited(app, caller, "webhook.create", "webhook") as target, app.session() as session:
+        row = webhooks.create_subscription(session, caller.account_id, url, event_types)
+        target.id = row.id
+        return row
+
+
+def delete_subscription(app: App, caller: Caller, subscription_id: str) -> None:
+    with audited(app, caller, "webhook.delete", "webhook", subscription_id), app.session() as session:
+        webhooks.delete_subscription(session, caller.account_id, subscription_id)

@@ -6,10 +6,11 @@ fails only when the snapshot would be unusable, and the reason says what was ski
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -38,6 +39,9 @@ from pml.runs import RunStatus, get_run, run_step, set_status
 from pml.schemas.config import ModelConfig
 from pml.settings import Settings
 from pml.store.tables import Snapshot, SnapshotExample
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -94,10 +98,29 @@ class BlobIntake:
         return StoredImage(self._store(data), content_type, width, height, frozenset(values))
 
 
+CurationProgress = Callable[[CurationReport], None]
+# How often curation reports its progress while it reads (an event per call: keep it rare).
+PROGRESS_EVERY_S = 2.0
+
+
+def _reporting(items: Iterable[T], report: CurationReport, progress: CurationProgress | None) -> Iterator[T]:
+    """Pass ``items`` through, calling ``progress`` every PROGRESS_EVERY_S seconds of reading."""
+    last = time.monotonic()
+    for item in items:
+        yield item
+        if progress is not None and time.monotonic() - last >= PROGRESS_EVERY_S:
+            progress(report)
+            last = time.monotonic()
+
+
 def curate_snapshot(
-    source_config: dict[str, Any], config: ModelConfig, blobs: BlobStore, settings: Settings
+    source_config: dict[str, Any], config: ModelConfig, blobs: BlobStore, settings: Settings,
+    progress: CurationProgress | None = None,
 ) -> CurationResult:
-    """Read the source, keep the usable examples, store their files and build the manifest."""
+    """Read the source, keep the usable examples, store their files and build the manifest.
+
+    ``progress`` is called with the report while reading goes on and once reading is done.
+    """
     report = CurationReport()
     problem = config.problem_definition
     source = open_source(source_config, problem.training_data_filter.codes)
@@ -105,9 +128,12 @@ def curate_snapshot(
     intake = BlobIntake(blobs, source.root, settings, allowed)
     codes = problem.training_data_filter.codes
     try:
-        records = collect_records(source.resources(report, LinePrefilter(codes)), codes, report, intake)
+        resources = _reporting(source.resources(report, LinePrefilter(codes)), report, progress)
+        records = collect_records(resources, codes, report, intake)
     finally:
         intake.finish()
+    if progress is not None:
+        progress(report)
     label_index = config.label_index()
     index_to_name = {index + 1: name for name, index in label_index.items()}
     segmentation = problem.problem_type.is_segmentation
@@ -227,9 +253,17 @@ def curate_run(app: App, account_id: str, run_id: str) -> bool:
             if run.status == RunStatus.PENDING.value:
                 set_status(session, run, RunStatus.CURATING)
             source_config = dict(get_account(session, account_id).fhir_source)
+            model_id = run.model_id
             config = ModelConfig.model_validate(run.config)
         blobs = app.blobs(account_id)
-        result = curate_snapshot(source_config, config, blobs, app.settings)
+
+        def progress(report: CurationReport) -> None:
+            with app.session() as session:
+                events.publish(session, account_id, "curation.progress", run_id=run_id, model_id=model_id,
+                               data={"resourcesRead": report.resources_read,
+                                     "skipped": sum(report.skipped.values())})
+
+        result = curate_snapshot(source_config, config, blobs, app.settings, progress)
         with app.session() as session:
             run = get_run(session, account_id, run_id, for_update=True)
             if run.status != RunStatus.CURATING.value:

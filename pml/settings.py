@@ -47,6 +47,21 @@ class Settings(BaseSettings):
     max_image_pixels: int = 50_000_000
     """Largest pixel count accepted when decoding (guards against decompression bombs)."""
 
+    event_stream_maxlen: int = 100_000
+    """Entries the Redis event stream keeps (``XADD MAXLEN ~``); SQL keeps the whole history."""
+
+    event_recheck_s: float = 1.0
+    """How often a waiting event stream reads SQL even without a wake-up (a lost XADD only delays)."""
+
+    webhook_max_attempts: int = 8
+    """Attempts per webhook delivery before it stays FAILED (visible with ListDeliveries)."""
+
+    webhook_backoff_s: float = 2.0
+    """Wait before the second attempt; doubled after each further failure."""
+
+    webhook_timeout_s: float = 10.0
+    """Time limit of one webhook POST (connect and answer)."""
+
     @property
     def sqlalchemy_url(self) -> str:
         if self.database_url:

@@ -133,10 +133,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_nam
         **os.environ,
         "PML_HOME": str(home), "PML_DATABASE_URL": postgres_url, "PML_REDIS_URL": REDIS_URL,
         "PML_REDIS_NAMESPACE": redis_namespace, "PML_RAY_NUM_CPUS": "2",
+        # Quick webhook retries, so the tests of retries and failures take seconds.
+        "PML_WEBHOOK_BACKOFF_S": "0.2", "PML_WEBHOOK_MAX_ATTEMPTS": "3", "PML_WEBHOOK_TIMEOUT_S": "5",
     }
     workers = []
     logs = []
-    for queues in ("curate,evaluate,deploy", "tune"):
+    for queues in ("curate,evaluate,deploy,notify", "tune"):
         log = home / f"worker-{queues.replace(',', '-')}.log"
         logs.append(log)
         workers.append(
@@ -155,7 +157,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_nam
             worker.wait(30)
         except subprocess.TimeoutExpired:
             worker.kill()
-    app.engine.dispose()
+    app.close()
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.2):  # type: ignore[no-untyped-def]

@@ -8,7 +8,9 @@ import json
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pml.accounts import public_fhir_source
-from pml.store.tables import Account, ApiKey, Approval, AuditEntry, Event, Model, Run, Trial
+from pml.store.tables import (
+    Account, ApiKey, Approval, AuditEntry, Event, Model, Run, Trial, WebhookDelivery, WebhookSubscription,
+)
 from pml.tuning.metrics import MetricPoint
 from pml.v1 import pml_pb2 as pb
 
@@ -98,4 +100,21 @@ def approval(row: Approval) -> pb.Approval:
     return pb.Approval(
         id=row.id, run_id=row.run_id, decision=decision, description=row.description, user=row.user,
         create_time=timestamp(row.created_at), actor=row.actor,
+    )
+
+
+def subscription(row: WebhookSubscription, with_secret: bool = False) -> pb.Subscription:
+    """The secret only goes out in CreateSubscription's answer."""
+    return pb.Subscription(
+        id=row.id, url=row.url, event_types=list(row.event_types), secret=row.secret if with_secret else "",
+        create_time=timestamp(row.created_at),
+    )
+
+
+def delivery(row: WebhookDelivery) -> pb.Delivery:
+    return pb.Delivery(
+        id=row.id, subscription_id=row.subscription_id, event_id=row.event_id, event_type=row.event_type,
+        state=row.state, attempts=row.attempts, last_status_code=row.last_status_code or 0,
+        last_error=row.last_error or "", create_time=timestamp(row.created_at),
+        next_attempt_time=timestamp(row.next_attempt_at), delivered_time=timestamp(row.delivered_at),
     )

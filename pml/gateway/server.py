@@ -20,7 +20,7 @@ SERVICE_NAMES = [
     pb.DESCRIPTOR.services_by_name[name].full_name
     for name in (
         "AccountService", "ModelService", "RunService", "EventService", "SnapshotService", "ApprovalService",
-        "PredictionService", "ArtifactService", "AuditService",
+        "PredictionService", "ArtifactService", "AuditService", "WebhookService",
     )
 ]
 
@@ -50,6 +50,7 @@ def build_server(app: App, address: str, max_workers: int = 32) -> tuple[grpc.Se
     rpc.add_ArtifactServiceServicer_to_server(services.ArtifactService(app), server)
     rpc.add_AuditServiceServicer_to_server(services.AuditService(app), server)
     rpc.add_EventServiceServicer_to_server(event_services.EventService(app), server)
+    rpc.add_WebhookServiceServicer_to_server(event_services.WebhookService(app), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in SERVICE_NAMES + [""]:

@@ -50,6 +50,9 @@ def deploy_run(app: App, account_id: str, run_id: str) -> None:
         run = get_run(session, account_id, run_id)
         model = get_model(session, account_id, run.model_id)
         if model.champion_run_id != run.id:
+            if run.deploy_status != "SUPERSEDED":
+                events.publish(session, account_id, "deployment.superseded", run_id=run_id, model_id=model.id,
+                               data={"championRunId": model.champion_run_id})
             run.deploy_status = "SUPERSEDED"
             return
         serving = session.scalar(
@@ -67,6 +70,8 @@ def deploy_run(app: App, account_id: str, run_id: str) -> None:
         run.deploy_status = "DEPLOYING"
         session.flush()
         deployment_id, model_id = deployment.id, model.id
+        events.publish(session, account_id, "deployment.deploying", run_id=run_id, model_id=model_id,
+                       data={"deploymentId": deployment_id})
     home = app.account_home(account_id)
     try:
         with app.session() as session:
@@ -97,6 +102,8 @@ def deploy_run(app: App, account_id: str, run_id: str) -> None:
         )
         for row in old:
             row.status, row.updated_at = "STOPPED", utcnow()
+            events.publish(session, account_id, "deployment.stopped", run_id=row.run_id, model_id=model_id,
+                           data={"deploymentId": row.id, "replacedBy": deployment_id})
         new = session.get(Deployment, deployment_id)
         assert new is not None
         new.status, new.endpoint, new.pid, new.updated_at = "SERVING", server.endpoint, server.pid, utcnow()
