@@ -353,3 +353,53 @@ def test_inference_container_that_exits_fails_with_its_log(tmp_path: Path, engin
     server = DockerRuntime().start_server(_image(SERVE_REF), empty_model, tmp_path / "serve.log")
     with pytest.raises(StepFailed, match="exited with code"):
         server.wait_healthy(60)
+
+
+DOCKER_TRAIN_URI = "000000000000.dkr.ecr.us-east-1.amazonaws.com/pml-examples/sklearn-image-docker:train"
+DOCKER_SERVE_URI = "000000000000.dkr.ecr.us-east-1.amazonaws.com/pml-examples/sklearn-image-docker:serve"
+
+
+def test_a_run_trains_evaluates_and_deploys_with_docker_images(
+    stack: Any, engine: docker.DockerClient, tmp_path: Path,
+) -> None:
+    from sqlalchemy import select
+
+    from pml.demo import digits_config
+    from pml.demo_data import classification_example_id, write_demo_fhir
+    from pml.images import add_docker_image
+    from pml.runtimes.docker import check_image, stop_server_at
+    from pml.store.tables import Deployment, Trial
+    from tests.test_flow import finish
+
+    with stack.app.session() as session:  # URIs of their own: the other tests use the folder images
+        add_docker_image(session, DOCKER_TRAIN_URI, TRAIN_REF, check=check_image)
+        add_docker_image(session, DOCKER_SERVE_URI, SERVE_REF, check=check_image)
+    digits = write_demo_fhir(tmp_path / "fhir")
+    client = stack.new_account(tmp_path / "fhir")
+    config = digits_config("imgClf", train_image=DOCKER_TRAIN_URI, serve_image=DOCKER_SERVE_URI, max_trials=2)
+    config["trainingApproach"]["searchSpace"][1].update(min=3, max=5)  # epochs: small and quick
+    model = client.create_model(config)
+    run = finish(stack, client, client.create_run(model.id).id)
+    assert run.challenger_metrics["accuracy"] > 0.7, dict(run.challenger_metrics)
+    endpoints: list[str] = []
+    try:
+        client.approve(run.id, description="docker images", user="tester")
+        wait_for(lambda: client.get_run(run.id).deploy_status == "DEPLOYED", 120, "the docker deployment")
+        with stack.app.session() as session:
+            endpoints = [d.endpoint for d in session.scalars(select(Deployment).where(Deployment.model_id == model.id))]
+            trial = session.get(Trial, run.challenger_trial_id)
+            assert trial is not None
+            trial_folder = Path(trial.folder)
+        serving = engine.containers.list(filters={"label": f"{ENDPOINT_LABEL}={endpoints[0]}"})
+        assert serving and serving[0].attrs["HostConfig"]["NetworkMode"] == "host", "not served by a container"
+        digit = digits[-1]
+        prediction = client.predict(model.id, example_id=classification_example_id(digit))
+        assert prediction.predictions and prediction.predictions[0].value
+        # The model came out of the training image: its scikit-learn, not pml's own.
+        in_image = engine.containers.run(TRAIN_REF, ["python3", "-c", "import sklearn; print(sklearn.__version__)"],
+                                         network_mode="none", remove=True).decode().strip()
+        meta = json.loads((trial_folder / "model" / "model.json").read_text())
+        assert meta["sklearn_version"] == in_image
+    finally:
+        for endpoint in endpoints:
+            stop_server_at(endpoint)
