@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pml.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from pml.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 from pml.store.tables import Account, ApiKey, utcnow
 
 ACCOUNT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -104,17 +104,31 @@ def create_api_key(session: Session, account_id: str, name: str = "") -> tuple[A
 
 
 def authenticate(session: Session, account_id: str, key: str) -> str:
-    """The account id when ``key`` is a live key of that account; Unauthenticated otherwise."""
+    """The key's id when ``key`` is a live key of ``account_id``; Unauthenticated otherwise."""
     if not account_id or not key:
         raise Unauthenticated("missing account or API key")
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == _hash_key(key)))
     if row is None or row.revoked_at is not None or not hmac.compare_digest(row.account_id, account_id):
         raise Unauthenticated("unknown or revoked API key for this account")
-    return account_id
+    return row.id
 
 
-def revoke_api_key(session: Session, account_id: str, key_id: str) -> None:
+def list_accounts(session: Session) -> list[Account]:
+    return list(session.scalars(select(Account).order_by(Account.created_at, Account.id)))
+
+
+def list_api_keys(session: Session, account_id: str) -> list[ApiKey]:
+    get_account(session, account_id)
+    query = select(ApiKey).where(ApiKey.account_id == account_id).order_by(ApiKey.created_at, ApiKey.id)
+    return list(session.scalars(query))
+
+
+def revoke_api_key(session: Session, account_id: str, key_id: str) -> ApiKey:
     row = session.scalar(select(ApiKey).where(ApiKey.account_id == account_id, ApiKey.id == key_id))
     if row is None:
         raise NotFound(f"API key {key_id} not found")
+    if row.revoked_at is not None:
+        raise FailedPrecondition(f"API key {key_id} is revoked already")
     row.revoked_at = utcnow()
+    session.flush()
+    return row

@@ -108,7 +108,8 @@ def cancel_run(session: Session, account_id: str, run_id: str) -> Run:
 
 
 def approve_run(
-    session: Session, account_id: str, run_id: str, decision: str, description: str = "", user: str = ""
+    session: Session, account_id: str, run_id: str, decision: str, description: str = "", user: str = "",
+    *, actor: str = "",
 ) -> tuple[Approval, bool]:
     """Record a decision. Approving makes the run's model the champion.
 
@@ -122,7 +123,9 @@ def approve_run(
     earlier = session.scalar(select(Approval).where(Approval.account_id == account_id, Approval.run_id == run.id))
     if earlier is not None:
         raise FailedPrecondition(f"run {run_id} was already {earlier.decision}; a decision is final (start a new run)")
-    approval = Approval(account_id=account_id, run_id=run.id, decision=decision, description=description, user=user)
+    approval = Approval(
+        account_id=account_id, run_id=run.id, decision=decision, description=description, user=user, actor=actor
+    )
     session.add(approval)
     deploy = False
     if decision == "approved":
@@ -136,3 +139,9 @@ def approve_run(
         data={"decision": decision, "approvalId": approval.id},
     )
     return approval, deploy
+
+
+def list_approvals(session: Session, account_id: str, run_id: str) -> list[Approval]:
+    get_run(session, account_id, run_id)
+    query = select(Approval).where(Approval.account_id == account_id, Approval.run_id == run_id)
+    return list(session.scalars(query.order_by(Approval.created_at, Approval.id)))

@@ -172,3 +172,20 @@ def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.2):  # 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def tuning_app(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[App]:
+    """An App on the test PostgreSQL with a local Ray in this process, for calling the tune
+    step directly (no broker): restored Ray Tune callbacks find it as the current App."""
+    from pml.app import set_current_app
+    from pml.tuning.tuner import ensure_ray, shutdown_ray
+
+    settings = Settings(home=tmp_path_factory.mktemp("tuning-home"), database_url=postgres_url, ray_num_cpus=2)
+    app = App(settings)
+    set_current_app(app)
+    ensure_ray(settings)
+    yield app
+    shutdown_ray()
+    set_current_app(None)
+    app.engine.dispose()

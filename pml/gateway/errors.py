@@ -11,32 +11,12 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from pml.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    PmlError,
-    StepFailed,
-    Unauthenticated,
-)
+from pml.errors import InvalidArgument, PmlError
 
 log = logging.getLogger(__name__)
 
-_CODES: list[tuple[type[PmlError], int]] = [
-    (InvalidArgument, code_pb2.INVALID_ARGUMENT),
-    (NotFound, code_pb2.NOT_FOUND),
-    (AlreadyExists, code_pb2.ALREADY_EXISTS),
-    (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
-    (StepFailed, code_pb2.FAILED_PRECONDITION),
-    (Unauthenticated, code_pb2.UNAUTHENTICATED),
-    (PermissionDenied, code_pb2.PERMISSION_DENIED),
-]
-
-
 def to_status(exc: PmlError) -> grpc.Status:
-    code = next((c for kind, c in _CODES if isinstance(exc, kind)), code_pb2.INTERNAL)
+    code = code_pb2.Code.Value(exc.code)
     status = status_pb2.Status(code=code, message=str(exc))
     if isinstance(exc, InvalidArgument):
         detail = any_pb2.Any()

@@ -9,7 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pml.app import App
-from pml.gateway import services
+from pml.gateway import event_services, services
 from pml.v1 import pml_pb2 as pb
 from pml.v1 import pml_pb2_grpc as rpc
 
@@ -18,7 +18,10 @@ MESSAGE_OVERHEAD = 1024 * 1024
 
 SERVICE_NAMES = [
     pb.DESCRIPTOR.services_by_name[name].full_name
-    for name in ("AccountService", "ModelService", "RunService", "SnapshotService", "ApprovalService", "PredictionService", "ArtifactService")
+    for name in (
+        "AccountService", "ModelService", "RunService", "EventService", "SnapshotService", "ApprovalService",
+        "PredictionService", "ArtifactService", "AuditService",
+    )
 ]
 
 
@@ -45,6 +48,8 @@ def build_server(app: App, address: str, max_workers: int = 32) -> tuple[grpc.Se
     rpc.add_ApprovalServiceServicer_to_server(services.ApprovalService(app), server)
     rpc.add_PredictionServiceServicer_to_server(services.PredictionService(app), server)
     rpc.add_ArtifactServiceServicer_to_server(services.ArtifactService(app), server)
+    rpc.add_AuditServiceServicer_to_server(services.AuditService(app), server)
+    rpc.add_EventServiceServicer_to_server(event_services.EventService(app), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in SERVICE_NAMES + [""]:

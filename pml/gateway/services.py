@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from typing import Iterator, TypeVar
 
 import grpc
+from google.protobuf import empty_pb2
 
-from pml import accounts, models, runs
+from pml import accounts, audit, commands, models, runs, trials
 from pml.app import App
-from pml.errors import InvalidArgument
 from pml.curation import get_snapshot
-from pml.events import list_events
+from pml.errors import InvalidArgument
 from pml.gateway import convert
-from pml.gateway.auth import caller_account, require_admin
+from pml.gateway.auth import admin_caller, caller
 from pml.gateway.errors import grpc_errors, grpc_stream_errors
-from pml.serving.predict import artifact_for, predict
-from pml.store.tables import Trial
+from pml.tuning.logs import trial_log_lines
 from pml.v1 import pml_pb2 as pb
 from pml.v1 import pml_pb2_grpc as rpc
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
-WATCH_POLL_S = 0.1
 ARTIFACT_CHUNK = 256 * 1024
 
 T = TypeVar("T")
@@ -51,24 +48,50 @@ def _json(field: str, text: str) -> object:
 
 
 class AccountService(rpc.AccountServiceServicer):
+    """Admin calls: accounts and their API keys."""
+
     def __init__(self, app: App):
         self.app = app
 
     @grpc_errors
     def CreateAccount(self, request: pb.CreateAccountRequest, context: grpc.ServicerContext) -> pb.Account:
-        require_admin(self.app, context)
+        who = admin_caller(self.app, context, request.account_id)
         source = _json("fhir_source_json", request.fhir_source_json or "{}")
         if not isinstance(source, dict):
             raise InvalidArgument([("fhir_source_json", "must be a JSON object")])
+        return convert.account(commands.create_account(self.app, who, request.name, source))
+
+    @grpc_errors
+    def GetAccount(self, request: pb.GetAccountRequest, context: grpc.ServicerContext) -> pb.Account:
+        admin_caller(self.app, context, request.account_id)
         with self.app.session() as session:
-            return convert.account(accounts.create_account(session, request.account_id, request.name, source))
+            return convert.account(accounts.get_account(session, request.account_id))
+
+    @grpc_errors
+    def ListAccounts(self, request: pb.ListAccountsRequest, context: grpc.ServicerContext) -> pb.ListAccountsResponse:
+        admin_caller(self.app, context, "")
+        with self.app.session() as session:
+            rows, token = _page(accounts.list_accounts(session), request.page_size, request.page_token)
+            return pb.ListAccountsResponse(accounts=[convert.account(r) for r in rows], next_page_token=token)
 
     @grpc_errors
     def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: grpc.ServicerContext) -> pb.CreateApiKeyResponse:
-        require_admin(self.app, context)
+        who = admin_caller(self.app, context, request.account_id)
+        key, plaintext = commands.create_api_key(self.app, who, request.name)
+        return pb.CreateApiKeyResponse(key_id=key.id, api_key=plaintext)
+
+    @grpc_errors
+    def ListApiKeys(self, request: pb.ListApiKeysRequest, context: grpc.ServicerContext) -> pb.ListApiKeysResponse:
+        admin_caller(self.app, context, request.account_id)
         with self.app.session() as session:
-            key, plaintext = accounts.create_api_key(session, request.account_id, request.name)
-            return pb.CreateApiKeyResponse(key_id=key.id, api_key=plaintext)
+            rows, token = _page(accounts.list_api_keys(session, request.account_id), request.page_size,
+                                request.page_token)
+            return pb.ListApiKeysResponse(api_keys=[convert.api_key(r) for r in rows], next_page_token=token)
+
+    @grpc_errors
+    def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: grpc.ServicerContext) -> pb.ApiKey:
+        who = admin_caller(self.app, context, request.account_id)
+        return convert.api_key(commands.revoke_api_key(self.app, who, request.key_id))
 
 
 class ModelService(rpc.ModelServiceServicer):
@@ -77,23 +100,33 @@ class ModelService(rpc.ModelServiceServicer):
 
     @grpc_errors
     def CreateModel(self, request: pb.CreateModelRequest, context: grpc.ServicerContext) -> pb.Model:
-        account = caller_account(self.app, context)
-        data = _json("config_json", request.config_json)
-        with self.app.session() as session:
-            return convert.model(models.create_model(session, account, data))
+        who = caller(self.app, context)
+        return convert.model(commands.create_model(self.app, who, _json("config_json", request.config_json)))
 
     @grpc_errors
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.Model:
-        account = caller_account(self.app, context)
+        who = caller(self.app, context)
         with self.app.session() as session:
-            return convert.model(models.get_model(session, account, request.model_id))
+            return convert.model(models.get_model(session, who.account_id, request.model_id))
 
     @grpc_errors
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
-        account = caller_account(self.app, context)
+        who = caller(self.app, context)
         with self.app.session() as session:
-            rows, token = _page(models.list_models(session, account), request.page_size, request.page_token)
+            rows, token = _page(models.list_models(session, who.account_id), request.page_size, request.page_token)
             return pb.ListModelsResponse(models=[convert.model(r) for r in rows], next_page_token=token)
+
+    @grpc_errors
+    def UpdateModel(self, request: pb.UpdateModelRequest, context: grpc.ServicerContext) -> pb.Model:
+        who = caller(self.app, context)
+        data = _json("config_json", request.config_json)
+        return convert.model(commands.update_model(self.app, who, request.model_id, data))
+
+    @grpc_errors
+    def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
+        who = caller(self.app, context)
+        commands.delete_model(self.app, who, request.model_id)
+        return empty_pb2.Empty()
 
 
 class RunService(rpc.RunServiceServicer):
@@ -102,57 +135,55 @@ class RunService(rpc.RunServiceServicer):
 
     @grpc_errors
     def CreateRun(self, request: pb.CreateRunRequest, context: grpc.ServicerContext) -> pb.Run:
-        account = caller_account(self.app, context)
-        with self.app.session() as session:
-            run = runs.create_run(session, account, request.model_id)
-            message = convert.run(run)
-        self.app.enqueue("curate", account, run.id)  # after commit: the worker must see the row
-        return message
+        who = caller(self.app, context)
+        return convert.run(commands.create_run(self.app, who, request.model_id))
 
     @grpc_errors
     def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.Run:
-        account = caller_account(self.app, context)
+        who = caller(self.app, context)
         with self.app.session() as session:
-            return convert.run(runs.get_run(session, account, request.run_id))
+            return convert.run(runs.get_run(session, who.account_id, request.run_id))
 
     @grpc_errors
     def ListRuns(self, request: pb.ListRunsRequest, context: grpc.ServicerContext) -> pb.ListRunsResponse:
-        account = caller_account(self.app, context)
+        who = caller(self.app, context)
         with self.app.session() as session:
             if request.model_id:
-                models.get_model(session, account, request.model_id)
-            rows, token = _page(runs.list_runs(session, account, request.model_id or None), request.page_size,
+                models.get_model(session, who.account_id, request.model_id)
+            rows, token = _page(runs.list_runs(session, who.account_id, request.model_id or None), request.page_size,
                                 request.page_token)
             return pb.ListRunsResponse(runs=[convert.run(r) for r in rows], next_page_token=token)
 
     @grpc_errors
     def CancelRun(self, request: pb.CancelRunRequest, context: grpc.ServicerContext) -> pb.Run:
-        account = caller_account(self.app, context)
-        with self.app.session() as session:
-            return convert.run(runs.cancel_run(session, account, request.run_id))
+        who = caller(self.app, context)
+        return convert.run(commands.cancel_run(self.app, who, request.run_id))
 
     @grpc_errors
     def ListTrials(self, request: pb.ListTrialsRequest, context: grpc.ServicerContext) -> pb.ListTrialsResponse:
-        account = caller_account(self.app, context)
+        who = caller(self.app, context)
         with self.app.session() as session:
-            runs.get_run(session, account, request.run_id)
-            rows = session.query(Trial).filter(Trial.account_id == account, Trial.run_id == request.run_id)
-            return pb.ListTrialsResponse(trials=[convert.trial(r) for r in rows.order_by(Trial.number)])
+            rows, token = _page(trials.list_trials(session, who.account_id, request.run_id), request.page_size,
+                                request.page_token)
+            return pb.ListTrialsResponse(trials=[convert.trial(r) for r in rows], next_page_token=token)
+
+    @grpc_errors
+    def GetTrial(self, request: pb.GetTrialRequest, context: grpc.ServicerContext) -> pb.Trial:
+        who = caller(self.app, context)
+        with self.app.session() as session:
+            row = trials.get_trial(session, who.account_id, request.trial_id)
+            series = trials.trial_metric_series(session, who.account_id, row.id)
+            return convert.trial(row, series)
 
     @grpc_stream_errors
-    def WatchRun(self, request: pb.WatchRunRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
-        account = caller_account(self.app, context)
-        with self.app.session() as session:
-            runs.get_run(session, account, request.run_id)
-        after = request.after_event_id
-        while context.is_active():
-            with self.app.session() as session:
-                batch = list_events(session, account, after_id=after, run_id=request.run_id)
-            for row in batch:
-                after = row.id
-                yield convert.event(row)
-            if not batch:
-                time.sleep(WATCH_POLL_S)
+    def StreamTrialLogs(self, request: pb.StreamTrialLogsRequest, context: grpc.ServicerContext) -> Iterator[pb.LogLine]:
+        who = caller(self.app, context)
+        if request.offset < 0:
+            raise InvalidArgument([("offset", "must be 0 or more")])
+        for line in trial_log_lines(self.app, who.account_id, request.trial_id, request.offset, request.follow):
+            if not context.is_active():
+                return
+            yield pb.LogLine(text=line.text, next_offset=line.offset)
 
 
 class SnapshotService(rpc.SnapshotServiceServicer):
@@ -161,13 +192,16 @@ class SnapshotService(rpc.SnapshotServiceServicer):
 
     @grpc_errors
     def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext) -> pb.Snapshot:
-        account = caller_account(self.app, context)
+        who = caller(self.app, context)
         with self.app.session() as session:
-            snapshot, examples = get_snapshot(session, account, request.snapshot_id)
+            snapshot, examples = get_snapshot(session, who.account_id, request.snapshot_id)
             return pb.Snapshot(
                 id=snapshot.id, stats_json=json.dumps(snapshot.stats),
                 examples=[pb.SnapshotExample(example_id=e.example_id, split=e.split, labels=e.labels) for e in examples],
             )
+
+
+DECISIONS = {pb.DECISION_APPROVED: "approved", pb.DECISION_REJECTED: "rejected"}
 
 
 class ApprovalService(rpc.ApprovalServiceServicer):
@@ -176,18 +210,21 @@ class ApprovalService(rpc.ApprovalServiceServicer):
 
     @grpc_errors
     def CreateApproval(self, request: pb.CreateApprovalRequest, context: grpc.ServicerContext) -> pb.Approval:
-        account = caller_account(self.app, context)
-        decisions = {pb.DECISION_APPROVED: "approved", pb.DECISION_REJECTED: "rejected"}
-        if request.decision not in decisions:
+        who = caller(self.app, context)
+        if request.decision not in DECISIONS:
             raise InvalidArgument([("decision", "must be DECISION_APPROVED or DECISION_REJECTED")])
+        approval = commands.approve_run(
+            self.app, who, request.run_id, DECISIONS[request.decision], request.description, request.user
+        )
+        return convert.approval(approval)
+
+    @grpc_errors
+    def ListApprovals(self, request: pb.ListApprovalsRequest, context: grpc.ServicerContext) -> pb.ListApprovalsResponse:
+        who = caller(self.app, context)
         with self.app.session() as session:
-            approval, deploy = runs.approve_run(
-                session, account, request.run_id, decisions[request.decision], request.description, request.user
-            )
-            message = convert.approval(approval)
-        if deploy:
-            self.app.enqueue("deploy", account, request.run_id)
-        return message
+            rows, token = _page(runs.list_approvals(session, who.account_id, request.run_id), request.page_size,
+                                request.page_token)
+            return pb.ListApprovalsResponse(approvals=[convert.approval(r) for r in rows], next_page_token=token)
 
 
 class PredictionService(rpc.PredictionServiceServicer):
@@ -196,12 +233,12 @@ class PredictionService(rpc.PredictionServiceServicer):
 
     @grpc_errors
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
-        account = caller_account(self.app, context)
+        who = caller(self.app, context)
         which = request.WhichOneof("input")
         if which is None:
             raise InvalidArgument([("input", "give example_id or image")])
-        result = predict(
-            self.app, account, request.model_id,
+        result = commands.predict(
+            self.app, who, request.model_id,
             example_id=request.example_id if which == "example_id" else None,
             image=request.image if which == "image" else None,
         )
@@ -218,9 +255,35 @@ class ArtifactService(rpc.ArtifactServiceServicer):
 
     @grpc_stream_errors
     def DownloadArtifact(self, request: pb.DownloadArtifactRequest, context: grpc.ServicerContext) -> Iterator[pb.ArtifactChunk]:
-        account = caller_account(self.app, context)
-        sha, size = artifact_for(self.app, account, request.model_id, request.run_id or None)
+        who = caller(self.app, context)
+        sha, size, path = commands.open_artifact(self.app, who, request.model_id, request.run_id or None)
         yield pb.ArtifactChunk(info=pb.ArtifactInfo(sha256=sha, size=size, run_id=request.run_id))
-        with open(self.app.blobs(account).path(sha), "rb") as handle:
+        with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(ARTIFACT_CHUNK), b""):
                 yield pb.ArtifactChunk(data=chunk)
+
+
+class AuditService(rpc.AuditServiceServicer):
+    """An account reads its own audit log; the export is FHIR AuditEvents."""
+
+    def __init__(self, app: App):
+        self.app = app
+
+    @grpc_errors
+    def ListAuditEntries(self, request: pb.ListAuditEntriesRequest, context: grpc.ServicerContext) -> pb.ListAuditEntriesResponse:
+        who = caller(self.app, context)
+        with self.app.session() as session:
+            rows, token = _page(audit.list_entries(session, who.account_id, newest_first=True), request.page_size,
+                                request.page_token)
+            return pb.ListAuditEntriesResponse(entries=[convert.audit_entry(r) for r in rows], next_page_token=token)
+
+    @grpc_errors
+    def ExportAuditEvents(self, request: pb.ExportAuditEventsRequest, context: grpc.ServicerContext) -> pb.ExportAuditEventsResponse:
+        who = caller(self.app, context)
+        limit = request.limit or 1000
+        if not 1 <= limit <= 10000:
+            raise InvalidArgument([("limit", "must be from 1 to 10000")])
+        with self.app.session() as session:
+            rows = audit.list_entries(session, who.account_id, after_id=request.after_id, limit=limit)
+        bundle = audit.export_bundle(rows)
+        return pb.ExportAuditEventsResponse(bundle_json=json.dumps(bundle), last_id=rows[-1].id if rows else request.after_id)

@@ -65,6 +65,8 @@ class Model(Base):
     champion_run_id: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Deleted models stay for their runs' history and the audit log; the API no longer sees them.
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Run(Base):
@@ -89,6 +91,10 @@ class Run(Base):
 
 
 class Trial(Base):
+    """One candidate. ``status``: RUNNING, COMPLETED, FAILED (reason in ``failure_reason``),
+    STOPPED_EARLY (by the early-stopping rule; reason says which) or STOPPED (the experiment
+    ended first: run cancelled, or the failed-trial budget spent)."""
+
     __tablename__ = "trials"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "<run id>-<ray trial id>"
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
@@ -102,6 +108,21 @@ class Trial(Base):
     folder: Mapped[str] = mapped_column(Text)
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     ended_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class TrialMetric(Base):
+    """One match of a metric's regex in a trial's log: the series the API charts.
+
+    The last step of each metric is the trial's final value (``Trial.final_metrics``).
+    """
+
+    __tablename__ = "trial_metrics"
+    account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    trial_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    metric: Mapped[str] = mapped_column(String(200), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    reported_at: Mapped[dt.datetime] = mapped_column()
 
 
 class Snapshot(Base):
@@ -134,6 +155,7 @@ class Approval(Base):
     decision: Mapped[str] = mapped_column(String(20))  # approved | rejected
     description: Mapped[str] = mapped_column(Text, default="")
     user: Mapped[str] = mapped_column(String(200), default="")
+    actor: Mapped[str] = mapped_column(String(64), default="")  # "key:<id>" or "admin"
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -161,4 +183,19 @@ class Event(Base):
     model_id: Mapped[str | None] = mapped_column(String(32), default=None)
     type: Mapped[str] = mapped_column(String(64))
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """Append-only: who did what to which object, and how it ended. Never patient data."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(String(64), index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str] = mapped_column(String(200), default="")
+    outcome: Mapped[str] = mapped_column(String(32))
+    interface: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from pml.v1 import pml_pb2 as pml_dot_v1_dot_pml__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -41,10 +42,30 @@ class AccountServiceStub:
                 request_serializer=pml_dot_v1_dot_pml__pb2.CreateAccountRequest.SerializeToString,
                 response_deserializer=pml_dot_v1_dot_pml__pb2.Account.FromString,
                 _registered_method=True)
+        self.GetAccount = channel.unary_unary(
+                '/pml.v1.AccountService/GetAccount',
+                request_serializer=pml_dot_v1_dot_pml__pb2.GetAccountRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.Account.FromString,
+                _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/pml.v1.AccountService/ListAccounts',
+                request_serializer=pml_dot_v1_dot_pml__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/pml.v1.AccountService/CreateApiKey',
                 request_serializer=pml_dot_v1_dot_pml__pb2.CreateApiKeyRequest.SerializeToString,
                 response_deserializer=pml_dot_v1_dot_pml__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/pml.v1.AccountService/ListApiKeys',
+                request_serializer=pml_dot_v1_dot_pml__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/pml.v1.AccountService/RevokeApiKey',
+                request_serializer=pml_dot_v1_dot_pml__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.ApiKey.FromString,
                 _registered_method=True)
 
 
@@ -59,8 +80,33 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAccount(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAccounts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateApiKey(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """A revoked key is refused from the next call on; revoking twice is FAILED_PRECONDITION.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -73,10 +119,30 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     request_deserializer=pml_dot_v1_dot_pml__pb2.CreateAccountRequest.FromString,
                     response_serializer=pml_dot_v1_dot_pml__pb2.Account.SerializeToString,
             ),
+            'GetAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAccount,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.GetAccountRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.Account.SerializeToString,
+            ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.ListAccountsRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.ListAccountsResponse.SerializeToString,
+            ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
                     request_deserializer=pml_dot_v1_dot_pml__pb2.CreateApiKeyRequest.FromString,
                     response_serializer=pml_dot_v1_dot_pml__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.ApiKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,6 +185,60 @@ class AccountService:
             _registered_method=True)
 
     @staticmethod
+    def GetAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.AccountService/GetAccount',
+            pml_dot_v1_dot_pml__pb2.GetAccountRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.AccountService/ListAccounts',
+            pml_dot_v1_dot_pml__pb2.ListAccountsRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateApiKey(request,
             target,
             options=(),
@@ -135,6 +255,60 @@ class AccountService:
             '/pml.v1.AccountService/CreateApiKey',
             pml_dot_v1_dot_pml__pb2.CreateApiKeyRequest.SerializeToString,
             pml_dot_v1_dot_pml__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.AccountService/ListApiKeys',
+            pml_dot_v1_dot_pml__pb2.ListApiKeysRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.AccountService/RevokeApiKey',
+            pml_dot_v1_dot_pml__pb2.RevokeApiKeyRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.ApiKey.FromString,
             options,
             channel_credentials,
             insecure,
@@ -172,6 +346,16 @@ class ModelServiceStub:
                 request_serializer=pml_dot_v1_dot_pml__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=pml_dot_v1_dot_pml__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/pml.v1.ModelService/UpdateModel',
+                request_serializer=pml_dot_v1_dot_pml__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.Model.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/pml.v1.ModelService/DeleteModel',
+                request_serializer=pml_dot_v1_dot_pml__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -197,6 +381,21 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateModel(self, request, context):
+        """Replaces the config. Labels keep their id and index by name; new labels take the next
+        free index; runs already created keep their own copy of the config.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Refused (FAILED_PRECONDITION) while a run of the model is active.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,6 +413,16 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=pml_dot_v1_dot_pml__pb2.ListModelsRequest.FromString,
                     response_serializer=pml_dot_v1_dot_pml__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.UpdateModelRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.Model.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.DeleteModelRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +518,60 @@ class ModelService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.ModelService/UpdateModel',
+            pml_dot_v1_dot_pml__pb2.UpdateModelRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.ModelService/DeleteModel',
+            pml_dot_v1_dot_pml__pb2.DeleteModelRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class RunServiceStub:
     """---- runs -------------------------------------------------------------------------------
@@ -346,10 +609,15 @@ class RunServiceStub:
                 request_serializer=pml_dot_v1_dot_pml__pb2.ListTrialsRequest.SerializeToString,
                 response_deserializer=pml_dot_v1_dot_pml__pb2.ListTrialsResponse.FromString,
                 _registered_method=True)
-        self.WatchRun = channel.unary_stream(
-                '/pml.v1.RunService/WatchRun',
-                request_serializer=pml_dot_v1_dot_pml__pb2.WatchRunRequest.SerializeToString,
-                response_deserializer=pml_dot_v1_dot_pml__pb2.Event.FromString,
+        self.GetTrial = channel.unary_unary(
+                '/pml.v1.RunService/GetTrial',
+                request_serializer=pml_dot_v1_dot_pml__pb2.GetTrialRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.Trial.FromString,
+                _registered_method=True)
+        self.StreamTrialLogs = channel.unary_stream(
+                '/pml.v1.RunService/StreamTrialLogs',
+                request_serializer=pml_dot_v1_dot_pml__pb2.StreamTrialLogsRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.LogLine.FromString,
                 _registered_method=True)
 
 
@@ -388,8 +656,14 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchRun(self, request, context):
-        """Replays the run's events after `after_event_id`, then follows live until cancelled.
+    def GetTrial(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamTrialLogs(self, request, context):
+        """The trial's log from `offset` (bytes); with `follow`, keeps streaming until the trial ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -423,10 +697,15 @@ def add_RunServiceServicer_to_server(servicer, server):
                     request_deserializer=pml_dot_v1_dot_pml__pb2.ListTrialsRequest.FromString,
                     response_serializer=pml_dot_v1_dot_pml__pb2.ListTrialsResponse.SerializeToString,
             ),
-            'WatchRun': grpc.unary_stream_rpc_method_handler(
-                    servicer.WatchRun,
-                    request_deserializer=pml_dot_v1_dot_pml__pb2.WatchRunRequest.FromString,
-                    response_serializer=pml_dot_v1_dot_pml__pb2.Event.SerializeToString,
+            'GetTrial': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrial,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.GetTrialRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.Trial.SerializeToString,
+            ),
+            'StreamTrialLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamTrialLogs,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.StreamTrialLogsRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.LogLine.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -577,6 +856,130 @@ class RunService:
             _registered_method=True)
 
     @staticmethod
+    def GetTrial(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.RunService/GetTrial',
+            pml_dot_v1_dot_pml__pb2.GetTrialRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.Trial.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamTrialLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pml.v1.RunService/StreamTrialLogs',
+            pml_dot_v1_dot_pml__pb2.StreamTrialLogsRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.LogLine.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class EventServiceStub:
+    """---- events ------------------------------------------------------------------------------
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WatchRun = channel.unary_stream(
+                '/pml.v1.EventService/WatchRun',
+                request_serializer=pml_dot_v1_dot_pml__pb2.WatchRunRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.Event.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/pml.v1.EventService/WatchEvents',
+                request_serializer=pml_dot_v1_dot_pml__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.Event.FromString,
+                _registered_method=True)
+
+
+class EventServiceServicer:
+    """---- events ------------------------------------------------------------------------------
+
+    """
+
+    def WatchRun(self, request, context):
+        """Replays the run's events after `after_event_id`, then follows live until cancelled:
+        no gap and no duplicate between the two. Reconnect with the last id received.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """The same over all of the account's events that match the filter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EventServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WatchRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRun,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.WatchRunRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.Event.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.WatchEventsRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.Event.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pml.v1.EventService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pml.v1.EventService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class EventService:
+    """---- events ------------------------------------------------------------------------------
+
+    """
+
+    @staticmethod
     def WatchRun(request,
             target,
             options=(),
@@ -590,8 +993,35 @@ class RunService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/pml.v1.RunService/WatchRun',
+            '/pml.v1.EventService/WatchRun',
             pml_dot_v1_dot_pml__pb2.WatchRunRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pml.v1.EventService/WatchEvents',
+            pml_dot_v1_dot_pml__pb2.WatchEventsRequest.SerializeToString,
             pml_dot_v1_dot_pml__pb2.Event.FromString,
             options,
             channel_credentials,
@@ -698,6 +1128,11 @@ class ApprovalServiceStub:
                 request_serializer=pml_dot_v1_dot_pml__pb2.CreateApprovalRequest.SerializeToString,
                 response_deserializer=pml_dot_v1_dot_pml__pb2.Approval.FromString,
                 _registered_method=True)
+        self.ListApprovals = channel.unary_unary(
+                '/pml.v1.ApprovalService/ListApprovals',
+                request_serializer=pml_dot_v1_dot_pml__pb2.ListApprovalsRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.ListApprovalsResponse.FromString,
+                _registered_method=True)
 
 
 class ApprovalServiceServicer:
@@ -711,6 +1146,12 @@ class ApprovalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListApprovals(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ApprovalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -718,6 +1159,11 @@ def add_ApprovalServiceServicer_to_server(servicer, server):
                     servicer.CreateApproval,
                     request_deserializer=pml_dot_v1_dot_pml__pb2.CreateApprovalRequest.FromString,
                     response_serializer=pml_dot_v1_dot_pml__pb2.Approval.SerializeToString,
+            ),
+            'ListApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovals,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.ListApprovalsRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.ListApprovalsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -749,6 +1195,33 @@ class ApprovalService:
             '/pml.v1.ApprovalService/CreateApproval',
             pml_dot_v1_dot_pml__pb2.CreateApprovalRequest.SerializeToString,
             pml_dot_v1_dot_pml__pb2.Approval.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.ApprovalService/ListApprovals',
+            pml_dot_v1_dot_pml__pb2.ListApprovalsRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.ListApprovalsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -900,6 +1373,382 @@ class ArtifactService:
             '/pml.v1.ArtifactService/DownloadArtifact',
             pml_dot_v1_dot_pml__pb2.DownloadArtifactRequest.SerializeToString,
             pml_dot_v1_dot_pml__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class WebhookServiceStub:
+    """---- webhooks -----------------------------------------------------------------------------
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateSubscription = channel.unary_unary(
+                '/pml.v1.WebhookService/CreateSubscription',
+                request_serializer=pml_dot_v1_dot_pml__pb2.CreateSubscriptionRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.Subscription.FromString,
+                _registered_method=True)
+        self.GetSubscription = channel.unary_unary(
+                '/pml.v1.WebhookService/GetSubscription',
+                request_serializer=pml_dot_v1_dot_pml__pb2.GetSubscriptionRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.Subscription.FromString,
+                _registered_method=True)
+        self.ListSubscriptions = channel.unary_unary(
+                '/pml.v1.WebhookService/ListSubscriptions',
+                request_serializer=pml_dot_v1_dot_pml__pb2.ListSubscriptionsRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.ListSubscriptionsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSubscription = channel.unary_unary(
+                '/pml.v1.WebhookService/DeleteSubscription',
+                request_serializer=pml_dot_v1_dot_pml__pb2.DeleteSubscriptionRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListDeliveries = channel.unary_unary(
+                '/pml.v1.WebhookService/ListDeliveries',
+                request_serializer=pml_dot_v1_dot_pml__pb2.ListDeliveriesRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.ListDeliveriesResponse.FromString,
+                _registered_method=True)
+
+
+class WebhookServiceServicer:
+    """---- webhooks -----------------------------------------------------------------------------
+
+    """
+
+    def CreateSubscription(self, request, context):
+        """The secret is returned once, at creation; deliveries carry
+        `X-Pml-Signature: sha256=<hex HMAC-SHA256 of the body with the secret>`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSubscription(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSubscriptions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSubscription(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeliveries(self, request, context):
+        """Deliveries of a subscription, newest first; `state` filters ("PENDING", "DELIVERED", "FAILED").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WebhookServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSubscription,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.CreateSubscriptionRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.Subscription.SerializeToString,
+            ),
+            'GetSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSubscription,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.GetSubscriptionRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.Subscription.SerializeToString,
+            ),
+            'ListSubscriptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSubscriptions,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.ListSubscriptionsRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.ListSubscriptionsResponse.SerializeToString,
+            ),
+            'DeleteSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSubscription,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.DeleteSubscriptionRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ListDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeliveries,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.ListDeliveriesRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.ListDeliveriesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pml.v1.WebhookService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pml.v1.WebhookService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WebhookService:
+    """---- webhooks -----------------------------------------------------------------------------
+
+    """
+
+    @staticmethod
+    def CreateSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.WebhookService/CreateSubscription',
+            pml_dot_v1_dot_pml__pb2.CreateSubscriptionRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.Subscription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.WebhookService/GetSubscription',
+            pml_dot_v1_dot_pml__pb2.GetSubscriptionRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.Subscription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSubscriptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.WebhookService/ListSubscriptions',
+            pml_dot_v1_dot_pml__pb2.ListSubscriptionsRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.ListSubscriptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.WebhookService/DeleteSubscription',
+            pml_dot_v1_dot_pml__pb2.DeleteSubscriptionRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.WebhookService/ListDeliveries',
+            pml_dot_v1_dot_pml__pb2.ListDeliveriesRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.ListDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AuditServiceStub:
+    """---- audit -------------------------------------------------------------------------------
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListAuditEntries = channel.unary_unary(
+                '/pml.v1.AuditService/ListAuditEntries',
+                request_serializer=pml_dot_v1_dot_pml__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
+        self.ExportAuditEvents = channel.unary_unary(
+                '/pml.v1.AuditService/ExportAuditEvents',
+                request_serializer=pml_dot_v1_dot_pml__pb2.ExportAuditEventsRequest.SerializeToString,
+                response_deserializer=pml_dot_v1_dot_pml__pb2.ExportAuditEventsResponse.FromString,
+                _registered_method=True)
+
+
+class AuditServiceServicer:
+    """---- audit -------------------------------------------------------------------------------
+
+    """
+
+    def ListAuditEntries(self, request, context):
+        """The account's audit log, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportAuditEvents(self, request, context):
+        """The same entries as a FHIR R5 Bundle (type "collection") of AuditEvent resources, as JSON.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuditServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
+            'ExportAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportAuditEvents,
+                    request_deserializer=pml_dot_v1_dot_pml__pb2.ExportAuditEventsRequest.FromString,
+                    response_serializer=pml_dot_v1_dot_pml__pb2.ExportAuditEventsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pml.v1.AuditService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pml.v1.AuditService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AuditService:
+    """---- audit -------------------------------------------------------------------------------
+
+    """
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.AuditService/ListAuditEntries',
+            pml_dot_v1_dot_pml__pb2.ListAuditEntriesRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.ListAuditEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pml.v1.AuditService/ExportAuditEvents',
+            pml_dot_v1_dot_pml__pb2.ExportAuditEventsRequest.SerializeToString,
+            pml_dot_v1_dot_pml__pb2.ExportAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
