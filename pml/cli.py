@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pml.app import App
 
 app = typer.Typer(no_args_is_help=True, help="pml: patient ML service.")
-images = typer.Typer(no_args_is_help=True, help="The image registry (image URI → local folder).")
+images = typer.Typer(no_args_is_help=True, help="The image registry (image URI → local folder or Docker image).")
 accounts = typer.Typer(no_args_is_help=True, help="Accounts and API keys (operator, local store).")
 app.add_typer(images, name="images")
 app.add_typer(accounts, name="accounts")
@@ -93,12 +93,43 @@ def worker(
 
 
 @images.command("add")
-def images_add(uri: str, path: Path) -> None:
-    """Register an image URI with the folder that holds its train/serve entry points."""
-    from pml.images import add_image
+def images_add(
+    uri: str,
+    target: Annotated[Optional[str], typer.Argument(
+        help="A folder with the train/serve entry points (process runtime), or docker://REFERENCE "
+             "(an image in the local Docker engine).", show_default=False)] = None,
+    docker: Annotated[bool, typer.Option(
+        "--docker", help="Run URI as a Docker image (same as docker://URI).")] = False,
+    check: Annotated[bool, typer.Option(
+        help="Docker: check that the local engine holds the image (skip when the images live on "
+             "other hosts, e.g. Ray GPU nodes).")] = True,
+) -> None:
+    """Register an image URI: a local folder (process runtime) or a Docker image (docker runtime)."""
+    from pml.images import DOCKER_SCHEME, add_docker_image, add_image
 
+    if target is not None and target.startswith(DOCKER_SCHEME):
+        if docker:
+            raise typer.BadParameter("give either --docker or a docker:// target, not both")
+        reference: str | None = target[len(DOCKER_SCHEME):]
+        if not reference:
+            raise typer.BadParameter("docker:// needs an image reference, e.g. docker://pml-sklearn-image:train")
+        docker = True
+    elif docker:
+        if target is not None:
+            raise typer.BadParameter("--docker runs the URI itself; for another reference use docker://REFERENCE")
+        reference = None
+    elif target is None:
+        raise typer.BadParameter("give a folder, docker://REFERENCE or --docker")
+    if docker:
+        from pml.runtimes.docker import check_image
+
+        with _app().session() as session:
+            image = add_docker_image(session, uri, reference, check=check_image if check else None)
+            console.print(f"{image.uri} → docker image {image.path} (docker runtime)")
+        return
+    assert target is not None
     with _app().session() as session:
-        image = add_image(session, uri, path)
+        image = add_image(session, uri, Path(target))
         console.print(f"{image.uri} → {image.path} ({image.kind} runtime)")
 
 
@@ -106,7 +137,7 @@ def images_add(uri: str, path: Path) -> None:
 def images_list() -> None:
     from pml.images import list_images
 
-    table = Table("uri", "runtime", "path")
+    table = Table("uri", "runtime", "folder or docker image")
     for column in table.columns:
         column.overflow = "fold"
     with _app().session() as session:

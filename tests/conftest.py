@@ -35,6 +35,12 @@ PG_ADMIN_URL = os.environ.get("PML_TEST_POSTGRES_URL", "postgresql+psycopg://pos
 REDIS_URL = os.environ.get("PML_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "docker: needs a Docker engine and the example images (scripts/docker-engine, scripts/docker-images)"
+    )
+
+
 def missing(reason: str) -> None:
     """Fail in CI, skip elsewhere: a missing service or data set must never pass silently."""
     if IN_CI:

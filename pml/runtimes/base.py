@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from pml.images import ResolvedImage
 
 # SageMaker's limit on the failure reason it keeps; the rest is in the log.
 FAILURE_CHARS = 1024
+# A training container's memory when the job names none: enough for the example images,
+# small enough that one runaway trial cannot take a node's memory from the others.
+DEFAULT_MEMORY_BYTES = 4 * 1024**3
 
 
 @dataclass
@@ -21,6 +24,12 @@ class TrainingJob:
     channels: dict[str, Path]
     hyperparameters: dict[str, str]
     timeout_s: float = 3600.0
+    gpu_ids: list[str] = field(default_factory=list)
+    """The GPUs Ray assigned to the trial (``ray.get_gpu_ids()``); the docker runtime passes them."""
+    cpus: float = 1.0
+    """CPU limit of the job (the docker runtime enforces it; the process runtime only reports it)."""
+    memory_bytes: int = DEFAULT_MEMORY_BYTES
+    """Memory limit of the job, swap included (enforced by the docker runtime)."""
 
     @property
     def config_dir(self) -> Path:
@@ -72,3 +81,16 @@ class InferenceServer(Protocol):
     def stop(self) -> None: ...
 
     def alive(self) -> bool: ...
+
+    def wait_healthy(self, timeout_s: float) -> None: ...
+
+
+class Runtime(Protocol):
+    """Runs an image's entry points; ``pml.runtimes.runtime_for`` picks one by registry entry."""
+
+    kind: str
+
+    def train(self, job: TrainingJob, on_line: Callable[[str], None]) -> TrainingOutcome: ...
+
+    def start_server(self, image: ResolvedImage, model_dir: Path, log_path: Path,
+                     outlive_owner: bool = False) -> InferenceServer: ...

@@ -215,8 +215,13 @@ class ProcessRuntime:
             log_tail=list(tail),
         )
 
-    def start_server(self, image: ResolvedImage, model_dir: Path, log_path: Path) -> ProcessServer:
-        """Start ``serve`` on a free loopback port; call ``wait_healthy`` before using it."""
+    def start_server(self, image: ResolvedImage, model_dir: Path, log_path: Path,
+                     outlive_owner: bool = False) -> ProcessServer:
+        """Start ``serve`` on a free loopback port; call ``wait_healthy`` before using it.
+
+        ``outlive_owner`` is part of the runtime interface; a process server always ends with
+        the process that started it (the docker runtime can keep a deployment serving).
+        """
         entry = image.entry_point("serve")
         port = free_port()
         env = _base_env()

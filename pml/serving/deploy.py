@@ -2,14 +2,12 @@
 
 The new server starts and must pass its health check before predictions switch to it;
 only then is the old one stopped. With the process runtime a deployment lives as long as
-the worker process that started it.
+the worker process that started it; a docker deployment outlives it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 
 from sqlalchemy import select
 
@@ -20,8 +18,7 @@ from pml.errors import PmlError
 from pml.images import resolve_image
 from pml.models import get_model
 from pml.runs import get_run
-from pml.runtimes import runtime_for
-from pml.runtimes.process import ProcessServer
+from pml.runtimes import InferenceServer, runtime_for, stop_server_elsewhere
 from pml.serving.client import forget
 from pml.store.tables import Deployment, utcnow
 
@@ -29,19 +26,16 @@ log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 120.0
 
 # Servers this process started, by deployment id, so it can stop them when replaced.
-_servers: dict[str, ProcessServer] = {}
+_servers: dict[str, InferenceServer] = {}
 
 
-def _stop(deployment_id: str, pid: int | None) -> None:
+def _stop(deployment_id: str, pid: int | None, endpoint: str | None) -> None:
     server = _servers.pop(deployment_id, None)
     if server is not None:
         server.stop()
         forget(server.endpoint)
-    elif pid:
-        try:
-            os.killpg(pid, signal.SIGTERM)  # started by another worker on this host
-        except (ProcessLookupError, PermissionError):
-            pass
+    else:
+        stop_server_elsewhere(endpoint or "", pid)  # started by another worker on this host
 
 
 def deploy_run(app: App, account_id: str, run_id: str) -> None:
@@ -78,7 +72,9 @@ def deploy_run(app: App, account_id: str, run_id: str) -> None:
             image = resolve_image(session, image_uri)
         assert artifact is not None
         model_dir = unpack_model(app.blobs(account_id), artifact, home / "models")
-        server = runtime_for(image.kind).start_server(image, model_dir, home / "logs" / f"deploy-{deployment_id}.log")
+        server = runtime_for(image.kind).start_server(
+            image, model_dir, home / "logs" / f"deploy-{deployment_id}.log", outlive_owner=True
+        )
         server.wait_healthy(HEALTH_TIMEOUT_S)
     except PmlError as exc:
         with app.session() as session:
@@ -111,6 +107,6 @@ def deploy_run(app: App, account_id: str, run_id: str) -> None:
         run.deploy_status, run.deploy_error = "DEPLOYED", None
         events.publish(session, account_id, "deployment.serving", run_id=run_id, model_id=model_id,
                        data={"deploymentId": deployment_id})
-        stopped = [(row.id, row.pid) for row in old]
-    for old_id, pid in stopped:  # only after the switch: no request meets a stopped server
-        _stop(old_id, pid)
+        stopped = [(row.id, row.pid, row.endpoint) for row in old]
+    for old_id, pid, endpoint in stopped:  # only after the switch: no request meets a stopped server
+        _stop(old_id, pid, endpoint)

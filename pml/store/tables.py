@@ -41,7 +41,10 @@ class ApiKey(Base):
 
 
 class Image(Base):
-    """The image registry: an image URI and where the process runtime finds its entry points.
+    """The image registry: an image URI and where it runs from.
+
+    ``path`` is the folder of the entry points (process runtime) or the image reference in the
+    Docker engine (docker runtime).
 
     Operator-level (set with ``pml images add``), not per account: images hold code, not data.
     """

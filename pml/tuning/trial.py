@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 from pml.images import ResolvedImage
@@ -71,7 +72,7 @@ def _train(spec: TrialSpec, folder: Path, channels: dict[str, Path], hyperparame
                 tune.report({"objective": found[spec.objective]})
 
         job = TrainingJob(image=spec.image, folder=folder, channels=channels, hyperparameters=hyperparameters,
-                          timeout_s=spec.timeout_s)
+                          timeout_s=spec.timeout_s, gpu_ids=[str(g) for g in ray.get_gpu_ids()])
         outcome = runtime_for(spec.image.kind).train(job, on_line)
     tail = " | ".join(outcome.log_tail[-5:])
     if outcome.timed_out:
