@@ -166,3 +166,13 @@ def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.2):  # 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def http_base(stack: Stack) -> Iterator[str]:
+    """The HTTP/JSON API of the stack's store, served by uvicorn on a free loopback port."""
+    from pml.http.server import start_http_server
+
+    server = start_http_server(stack.app, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.port}"
+    server.stop()

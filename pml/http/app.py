@@ -7,8 +7,9 @@ so FastAPI runs their blocking store and blob calls in its thread pool.
 
 import base64
 import binascii
+import json
 import re
-from typing import Annotated, Any, Iterator, TypeVar
+from typing import Annotated, Any, Iterator, TypeVar, cast
 
 from fastapi import Body, Depends, FastAPI, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
@@ -297,3 +298,12 @@ def _openapi_document(api: FastAPI) -> dict[str, Any]:
             if path != OPENAPI_PATH:
                 operation["security"] = [{"bearerKey": [], "account": []}]
     return doc
+
+
+def openapi_document() -> dict[str, Any]:
+    """The published document, without a store (routes reach the App only when called)."""
+    return build_app(cast(App, None)).openapi()
+
+
+if __name__ == "__main__":  # python -m pml.http.app > docs/openapi.json
+    print(json.dumps(openapi_document(), indent=2))
