@@ -14,6 +14,7 @@ from typing import Annotated, Any, Iterator, TypeVar, cast
 from fastapi import Body, Depends, FastAPI, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from pml import commands, models, runs
 from pml.app import App
@@ -36,6 +37,7 @@ from pml.http.schemas import (
     RunList,
 )
 from pml.schemas.config import ModelConfig, ProblemType
+from pml.store.tables import Run
 
 PREFIX = "/v1/patient-ml"
 OPENAPI_PATH = f"{PREFIX}/openapi.json"
@@ -188,18 +190,19 @@ def build_app(pml: App) -> FastAPI:
             rows, next_token = _paged(runs.list_runs(session, who.account_id, model.id), page_size, token)
             return RunList(items=convert.runs(session, rows), next_page_token=next_token)
 
-    def _run_of(who: Caller, model_id: str, run_id: str) -> Any:
-        with pml.session() as session:
-            models.get_model(session, who.account_id, _check_id(model_id, "model"))
-            run = runs.get_run(session, who.account_id, _check_id(run_id, "run"))
-            if run.model_id != model_id:
-                raise NotFound(f"run {run_id} not found")
-            return convert.runs(session, [run])[0]
+    def _run_of(session: Session, who: Caller, model_id: str, run_id: str) -> Run:
+        """The run, when it belongs to the model named in the path (404 otherwise)."""
+        models.get_model(session, who.account_id, _check_id(model_id, "model"))
+        run = runs.get_run(session, who.account_id, _check_id(run_id, "run"))
+        if run.model_id != model_id:
+            raise NotFound(f"run {run_id} not found")
+        return run
 
     @api.get(f"{PREFIX}/models/{{modelId}}/runs/{{runId}}", response_model=RunBody, response_model_exclude_none=True,
              tags=["runs"])
     def get_run(who: Who, modelId: str, runId: str) -> RunBody:  # noqa: N803
-        return _run_of(who, modelId, runId)
+        with pml.session() as session:
+            return convert.runs(session, [_run_of(session, who, modelId, runId)])[0]
 
     @api.post(f"{PREFIX}/models/{{modelId}}/runs/{{runId}}/approvals", response_model=ApprovalBody, tags=["runs"])
     def approve(who: Who, modelId: str, runId: str, body: ApprovalRequest) -> ApprovalBody:  # noqa: N803
@@ -207,7 +210,8 @@ def build_app(pml: App) -> FastAPI:
         deploys it, for cloud models)."""
         _no_nul(body.model_dump(by_alias=True))
         decision = _decision(body)
-        _run_of(who, modelId, runId)
+        with pml.session() as session:
+            _run_of(session, who, modelId, runId)
         return convert.approval(commands.approve_run(pml, who, runId, decision, body.description, body.user))
 
     @api.get(
