@@ -79,13 +79,15 @@ def to_audit_event(entry: AuditEntry) -> dict[str, Any]:
         "agent": [{
             "who": {"identifier": {"system": "https://pml.dev/actor", "value": entry.actor}},
             "requestor": True,
-            "network": {"uri": f"pml:{entry.interface}"},
         }],
         "source": {"observer": {"display": OBSERVER}},
         "entity": [{
             "what": {"identifier": {"system": f"https://pml.dev/{entry.target_type}", "value": entry.target_id}},
         }] if entry.target_id else [],
-        "extension": [{"url": "https://pml.dev/fhir/StructureDefinition/account", "valueString": entry.account_id}],
+        "extension": [
+            {"url": "https://pml.dev/fhir/StructureDefinition/account", "valueString": entry.account_id},
+            {"url": "https://pml.dev/fhir/StructureDefinition/interface", "valueCode": entry.interface},
+        ],
     }
     if not event["entity"]:
         del event["entity"]

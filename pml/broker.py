@@ -7,7 +7,7 @@ enqueues steps by name (``enqueue_step``), which keeps ``pml/`` free of imports 
 from __future__ import annotations
 
 import dramatiq
-from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
 from dramatiq.brokers.stub import StubBroker
 
 from pml.settings import Settings
@@ -23,7 +23,9 @@ STEPS = {
 # Measured here: with dramatiq's defaults a dead worker's messages were not requeued within
 # five minutes; these bring them back within seconds (see DESIGN.md).
 HEARTBEAT_TIMEOUT_MS = 10_000
-MAINTENANCE_CHANCE = 1_000  # out of 65,536 broker calls
+# 5% of broker calls (dramatiq's scale is 1,000,000 calls; 1,000 of them, its default, left a
+# killed tune worker's message unrequeued for over four minutes here).
+MAINTENANCE_CHANCE = MAINTENANCE_SCALE // 20
 
 
 def make_broker(settings: Settings) -> dramatiq.Broker:

@@ -12,9 +12,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pml import cli_gateway
 from pml.settings import Settings
 
 if TYPE_CHECKING:
+    import grpc
+
     from pml.app import App
 
 app = typer.Typer(no_args_is_help=True, help="pml: patient ML service.")
@@ -22,7 +25,20 @@ images = typer.Typer(no_args_is_help=True, help="The image registry (image URI â
 accounts = typer.Typer(no_args_is_help=True, help="Accounts and API keys (operator, local store).")
 app.add_typer(images, name="images")
 app.add_typer(accounts, name="accounts")
+cli_gateway.register(app)
 console = Console()
+
+
+@app.callback()
+def _gateway_options(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Option(envvar="PML_TARGET", help="The gateway's gRPC address.")] = "127.0.0.1:50051",
+    account: Annotated[str, typer.Option(envvar="PML_ACCOUNT", help="Your account id.")] = "",
+    api_key: Annotated[str, typer.Option(envvar="PML_API_KEY", help="Your API key.")] = "",
+    admin_key: Annotated[str, typer.Option(envvar="PML_ADMIN_KEY", help="The operator's admin key (keys commands).")] = "",
+) -> None:
+    """Options for the commands that call a gateway (models, runs, predict, artifact, keys, audit)."""
+    ctx.obj = cli_gateway.Remote(target=target, account=account, api_key=api_key, admin_key=admin_key)
 
 
 def _app() -> "App":
@@ -144,7 +160,22 @@ def demo() -> None:
     raise typer.Exit(run_demo(Settings()))
 
 
+def _grpc_error(exc: "grpc.RpcError") -> str:
+    """A gateway error as a person reads it: the code, the message, each bad field."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    text = f"{exc.code().name}: {exc.details()}"
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    for detail in status.details if status else []:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            text += "".join(f"\n  {v.field}: {v.description}" for v in bad.field_violations)
+    return text
+
+
 def main() -> None:
+    import grpc
     from sqlalchemy.exc import OperationalError
 
     from pml.errors import PmlError
@@ -154,6 +185,9 @@ def main() -> None:
         app()
     except (PmlError, PortInUse) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise SystemExit(2) from None
+    except grpc.RpcError as exc:
+        console.print(f"[red]error:[/] {_grpc_error(exc)}", highlight=False)
         raise SystemExit(2) from None
     except OperationalError as exc:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__

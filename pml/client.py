@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import grpc
 
@@ -13,6 +13,19 @@ from pml.v1 import pml_pb2 as pb
 from pml.v1 import pml_pb2_grpc as rpc
 
 TERMINAL_STATES = {pb.RUN_STATE_COMPLETED, pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED}
+T = TypeVar("T")
+
+
+def all_pages(fetch: Callable[[str], Any], field: str) -> list[Any]:
+    """Every item of a paged List call: ``fetch(page_token)`` returns one page."""
+    items: list[Any] = []
+    token = ""
+    while True:
+        page = fetch(token)
+        items.extend(getattr(page, field))
+        token = page.next_page_token
+        if not token:
+            return items
 
 
 class PmlClient:
@@ -58,6 +71,30 @@ class PmlClient:
     def create_model(self, config: dict[str, Any]) -> pb.Model:
         return self.models.CreateModel(pb.CreateModelRequest(config_json=json.dumps(config)), metadata=self.metadata)
 
+    def get_model(self, model_id: str) -> pb.Model:
+        return self.models.GetModel(pb.GetModelRequest(model_id=model_id), metadata=self.metadata)
+
+    def list_models(self) -> list[pb.Model]:
+        return all_pages(
+            lambda token: self.models.ListModels(pb.ListModelsRequest(page_token=token), metadata=self.metadata), "models"
+        )
+
+    def update_model(self, model_id: str, config: dict[str, Any]) -> pb.Model:
+        request = pb.UpdateModelRequest(model_id=model_id, config_json=json.dumps(config))
+        return self.models.UpdateModel(request, metadata=self.metadata)
+
+    def delete_model(self, model_id: str) -> None:
+        self.models.DeleteModel(pb.DeleteModelRequest(model_id=model_id), metadata=self.metadata)
+
+    def list_runs(self, model_id: str = "") -> list[pb.Run]:
+        return all_pages(
+            lambda token: self.runs.ListRuns(pb.ListRunsRequest(model_id=model_id, page_token=token), metadata=self.metadata),
+            "runs",
+        )
+
+    def cancel_run(self, run_id: str) -> pb.Run:
+        return self.runs.CancelRun(pb.CancelRunRequest(run_id=run_id), metadata=self.metadata)
+
     def create_run(self, model_id: str) -> pb.Run:
         return self.runs.CreateRun(pb.CreateRunRequest(model_id=model_id), metadata=self.metadata)
 
@@ -65,7 +102,10 @@ class PmlClient:
         return self.runs.GetRun(pb.GetRunRequest(run_id=run_id), metadata=self.metadata)
 
     def list_trials(self, run_id: str) -> list[pb.Trial]:
-        return list(self.runs.ListTrials(pb.ListTrialsRequest(run_id=run_id), metadata=self.metadata).trials)
+        return all_pages(
+            lambda token: self.runs.ListTrials(pb.ListTrialsRequest(run_id=run_id, page_token=token), metadata=self.metadata),
+            "trials",
+        )
 
     def watch_run(self, run_id: str, after_event_id: int = 0) -> Iterator[pb.Event]:
         """Events of a run until it reaches a terminal state (replay, then live)."""
@@ -80,14 +120,39 @@ class PmlClient:
         finally:
             stream.cancel()
 
+    def trial_logs(self, trial_id: str, offset: int = 0, follow: bool = False) -> Iterator[pb.LogLine]:
+        """A trial's log lines from a byte offset; ``follow`` waits for new lines until it ends."""
+        request = pb.StreamTrialLogsRequest(trial_id=trial_id, offset=offset, follow=follow)
+        yield from self.runs.StreamTrialLogs(request, metadata=self.metadata)
+
     def get_snapshot(self, snapshot_id: str) -> pb.Snapshot:
         return self.snapshots.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=snapshot_id), metadata=self.metadata)
 
-    def approve(self, run_id: str, description: str = "", user: str = "") -> pb.Approval:
-        request = pb.CreateApprovalRequest(
-            run_id=run_id, decision=pb.DECISION_APPROVED, description=description, user=user
-        )
+    def approve(self, run_id: str, description: str = "", user: str = "", *, approved: bool = True) -> pb.Approval:
+        decision = pb.DECISION_APPROVED if approved else pb.DECISION_REJECTED
+        request = pb.CreateApprovalRequest(run_id=run_id, decision=decision, description=description, user=user)
         return self.approvals.CreateApproval(request, metadata=self.metadata)
+
+    def list_api_keys(self, account_id: str) -> list[pb.ApiKey]:
+        return all_pages(
+            lambda token: self.accounts.ListApiKeys(
+                pb.ListApiKeysRequest(account_id=account_id, page_token=token), metadata=self.admin_metadata
+            ),
+            "api_keys",
+        )
+
+    def revoke_api_key(self, account_id: str, key_id: str) -> pb.ApiKey:
+        request = pb.RevokeApiKeyRequest(account_id=account_id, key_id=key_id)
+        return self.accounts.RevokeApiKey(request, metadata=self.admin_metadata)
+
+    def list_audit(self, page_size: int = 50) -> list[pb.AuditEntry]:
+        """The newest ``page_size`` audit entries of the account."""
+        request = pb.ListAuditEntriesRequest(page_size=page_size)
+        return list(self.audit.ListAuditEntries(request, metadata=self.metadata).entries)
+
+    def export_audit(self, after_id: int = 0, limit: int = 1000) -> pb.ExportAuditEventsResponse:
+        request = pb.ExportAuditEventsRequest(after_id=after_id, limit=limit)
+        return self.audit.ExportAuditEvents(request, metadata=self.metadata)
 
     def predict(self, model_id: str, *, example_id: str | None = None, image: bytes | None = None) -> pb.PredictResponse:
         request = pb.PredictRequest(model_id=model_id)

@@ -169,6 +169,23 @@ def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.2):  # 
 
 
 @pytest.fixture(scope="session")
+def tuning_app(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[App]:
+    """An App on the test PostgreSQL with a local Ray in this process, for calling the tune
+    step directly (no broker): restored Ray Tune callbacks find it as the current App."""
+    from pml.app import set_current_app
+    from pml.tuning.tuner import ensure_ray, shutdown_ray
+
+    settings = Settings(home=tmp_path_factory.mktemp("tuning-home"), database_url=postgres_url, ray_num_cpus=2)
+    app = App(settings)
+    set_current_app(app)
+    ensure_ray(settings)
+    yield app
+    shutdown_ray()
+    set_current_app(None)
+    app.engine.dispose()
+
+
+@pytest.fixture(scope="session")
 def http_base(stack: Stack) -> Iterator[str]:
     """The HTTP/JSON API of the stack's store, served by uvicorn on a free loopback port."""
     from pml.http.server import start_http_server

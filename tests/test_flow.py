@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -174,3 +175,33 @@ def test_redelivered_messages_do_not_repeat_finished_work(flow: dict[str, Any], 
     assert after.state == pb.RUN_STATE_COMPLETED
     assert [t.id for t in client.list_trials(first.id)] == trials_before
     assert after.snapshot_id == first.snapshot_id and dict(after.challenger_metrics) == dict(first.challenger_metrics)
+
+
+def test_a_trial_shows_its_metric_series_and_streams_its_log(flow: dict[str, Any], stack: Stack, tmp_path: Path) -> None:
+    client, first = flow["client"], flow["first"]
+    trial = client.runs.GetTrial(pb.GetTrialRequest(trial_id=first.challenger_trial_id), metadata=client.metadata)
+    series = {s.name: [p.value for p in s.points] for s in trial.metric_series}
+    objective = "validation:meanIoU" if flow["type"] == "imgSeg" else "validation:accuracy"
+    assert series[objective], "every match of the objective's regex is kept"
+    assert series[objective][-1] == pytest.approx(trial.final_metrics[objective]), "the last match is the final value"
+    assert [p.step for p in trial.metric_series[0].points] == list(range(len(trial.metric_series[0].points)))
+
+    lines = list(client.runs.StreamTrialLogs(pb.StreamTrialLogsRequest(trial_id=trial.id), metadata=client.metadata))
+    assert any(objective in line.text for line in lines)
+    middle = lines[len(lines) // 2]
+    rest = list(client.runs.StreamTrialLogs(
+        pb.StreamTrialLogsRequest(trial_id=trial.id, offset=middle.next_offset), metadata=client.metadata
+    ))
+    assert [l.text for l in rest] == [l.text for l in lines[len(lines) // 2 + 1:]], "resuming repeats nothing"
+    # A finished trial's followed log ends instead of waiting.
+    followed = client.runs.StreamTrialLogs(pb.StreamTrialLogsRequest(trial_id=trial.id, follow=True), metadata=client.metadata)
+    assert len(list(followed)) == len(lines)
+
+    stranger = stack.new_account(tmp_path)
+    for call in (
+        lambda: stranger.runs.GetTrial(pb.GetTrialRequest(trial_id=trial.id), metadata=stranger.metadata),
+        lambda: list(stranger.runs.StreamTrialLogs(pb.StreamTrialLogsRequest(trial_id=trial.id), metadata=stranger.metadata)),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND

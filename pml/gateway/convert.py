@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from pml.accounts import public_fhir_source
 from pml.store.tables import Account, ApiKey, Approval, AuditEntry, Event, Model, Run, Trial
+from pml.tuning.metrics import MetricPoint
 from pml.v1 import pml_pb2 as pb
 
 
@@ -48,6 +49,7 @@ def run(row: Run) -> pb.Run:
         deploy_status=row.deploy_status or "", deploy_error=row.deploy_error or "",
         curation_report_json=json.dumps(row.curation_report) if row.curation_report else "",
         create_time=timestamp(row.created_at), end_time=timestamp(row.ended_at),
+        config_json=json.dumps(row.config),
     )
 
 
@@ -65,7 +67,8 @@ def audit_entry(row: AuditEntry) -> pb.AuditEntry:
     )
 
 
-def trial(row: Trial, with_series: bool = False) -> pb.Trial:
+def trial(row: Trial, series: dict[str, list[MetricPoint]] | None = None) -> pb.Trial:
+    """A trial; ``series`` (GetTrial) adds every metric's points in log order."""
     return pb.Trial(
         id=row.id, run_id=row.run_id, number=row.number, status=row.status,
         hyperparameters={k: str(v) for k, v in row.hyperparameters.items()},
@@ -73,6 +76,13 @@ def trial(row: Trial, with_series: bool = False) -> pb.Trial:
         final_metrics={k: float(v) for k, v in (row.final_metrics or {}).items()},
         failure_reason=row.failure_reason or "",
         start_time=timestamp(row.started_at), end_time=timestamp(row.ended_at),
+        metric_series=[
+            pb.MetricSeries(name=name, points=[
+                pb.MetricPoint(step=p.step, value=p.value, time=timestamp(dt.datetime.fromtimestamp(p.time, dt.timezone.utc)))
+                for p in points
+            ])
+            for name, points in sorted((series or {}).items())
+        ],
     )
 
 
@@ -87,5 +97,5 @@ def approval(row: Approval) -> pb.Approval:
     decision = pb.DECISION_APPROVED if row.decision == "approved" else pb.DECISION_REJECTED
     return pb.Approval(
         id=row.id, run_id=row.run_id, decision=decision, description=row.description, user=row.user,
-        create_time=timestamp(row.created_at),
+        create_time=timestamp(row.created_at), actor=row.actor,
     )

@@ -9,16 +9,14 @@ from typing import Iterator, TypeVar
 import grpc
 from google.protobuf import empty_pb2
 
-from sqlalchemy import select
-
-from pml import accounts, audit, commands, models, runs
+from pml import accounts, audit, commands, models, runs, trials
 from pml.app import App
 from pml.curation import get_snapshot
-from pml.errors import InvalidArgument, NotFound
+from pml.errors import InvalidArgument
 from pml.gateway import convert
 from pml.gateway.auth import admin_caller, caller
 from pml.gateway.errors import grpc_errors, grpc_stream_errors
-from pml.store.tables import Trial
+from pml.tuning.logs import trial_log_lines
 from pml.v1 import pml_pb2 as pb
 from pml.v1 import pml_pb2_grpc as rpc
 
@@ -165,9 +163,7 @@ class RunService(rpc.RunServiceServicer):
     def ListTrials(self, request: pb.ListTrialsRequest, context: grpc.ServicerContext) -> pb.ListTrialsResponse:
         who = caller(self.app, context)
         with self.app.session() as session:
-            runs.get_run(session, who.account_id, request.run_id)
-            query = select(Trial).where(Trial.account_id == who.account_id, Trial.run_id == request.run_id)
-            rows, token = _page(list(session.scalars(query.order_by(Trial.number, Trial.id))), request.page_size,
+            rows, token = _page(trials.list_trials(session, who.account_id, request.run_id), request.page_size,
                                 request.page_token)
             return pb.ListTrialsResponse(trials=[convert.trial(r) for r in rows], next_page_token=token)
 
@@ -175,10 +171,19 @@ class RunService(rpc.RunServiceServicer):
     def GetTrial(self, request: pb.GetTrialRequest, context: grpc.ServicerContext) -> pb.Trial:
         who = caller(self.app, context)
         with self.app.session() as session:
-            row = session.scalar(select(Trial).where(Trial.account_id == who.account_id, Trial.id == request.trial_id))
-            if row is None:
-                raise NotFound(f"trial {request.trial_id} not found")
-            return convert.trial(row, with_series=True)
+            row = trials.get_trial(session, who.account_id, request.trial_id)
+            series = trials.trial_metric_series(session, who.account_id, row.id)
+            return convert.trial(row, series)
+
+    @grpc_stream_errors
+    def StreamTrialLogs(self, request: pb.StreamTrialLogsRequest, context: grpc.ServicerContext) -> Iterator[pb.LogLine]:
+        who = caller(self.app, context)
+        if request.offset < 0:
+            raise InvalidArgument([("offset", "must be 0 or more")])
+        for line in trial_log_lines(self.app, who.account_id, request.trial_id, request.offset, request.follow):
+            if not context.is_active():
+                return
+            yield pb.LogLine(text=line.text, next_offset=line.offset)
 
 
 class SnapshotService(rpc.SnapshotServiceServicer):

@@ -1,13 +1,15 @@
 """The process runtime: an image's entry points as local processes (the embedded default).
 
 The SageMaker layout lives under a per-trial folder and ``SM_*`` variables point at it. Each
-job runs in its own process group, and the whole group is killed on stop and timeout, so
-nothing is left behind.
+job runs in its own process group, and the whole group is killed on stop and timeout, and
+when the process that started it dies (Ray kills a trial's worker to stop it), so nothing is
+left behind.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
 import signal
@@ -30,6 +32,45 @@ LOG_TAIL_LINES = 20
 STOP_GRACE_S = 5.0
 
 _live_servers: set["ProcessServer"] = set()
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Kills a job's process group when its parent dies. start_new_session puts the job out of
+# reach of the killer of its parent (Ray kills a stopped trial's worker process), and the
+# kernel's parent-death signal reaches the entry point only, not what it started; so this
+# small process, not in the group, turns its own parent-death signal into a kill of the group.
+_GROUP_WATCHDOG = (
+    "import os, signal, sys\n"
+    "group = int(sys.argv[1])\n"
+    "def kill(*_):\n"
+    "    try: os.killpg(group, signal.SIGKILL)\n"
+    "    except OSError: pass\n"
+    "    os._exit(0)\n"
+    "signal.signal(signal.SIGTERM, kill)\n"
+    "if os.getppid() != int(sys.argv[2]): kill()\n"
+    "while True: signal.pause()\n"
+)
+
+
+def _die_with_parent(signum: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets ``signum`` when the thread that started it dies."""
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signum)
+
+    return set_death_signal
+
+
+def _start_watchdog(group: int) -> subprocess.Popen[bytes]:
+    """Start the process that kills ``group`` if this process dies before the job ends."""
+    return subprocess.Popen(
+        [sys.executable, "-S", "-I", "-c", _GROUP_WATCHDOG, str(group), str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent(signal.SIGTERM), close_fds=True,
+    )
 
 
 def _base_env() -> dict[str, str]:
@@ -132,8 +173,9 @@ class ProcessRuntime:
         log_dir.mkdir(parents=True, exist_ok=True)
         process = subprocess.Popen(
             [str(entry)], cwd=job.folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent(signal.SIGKILL),
         )
+        watchdog = _start_watchdog(process.pid)
         timed_out = threading.Event()
 
         def on_timeout() -> None:
@@ -164,6 +206,8 @@ class ProcessRuntime:
                     os.killpg(process.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            watchdog.kill()
+            watchdog.wait()
         return TrainingOutcome(
             exit_code=process.returncode,
             timed_out=timed_out.is_set(),

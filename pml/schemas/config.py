@@ -6,12 +6,13 @@ is saved; labels get a stable id and integer index when the model is created.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 from pydantic.alias_generators import to_camel
 
 from pml.errors import InvalidArgument
@@ -92,6 +93,21 @@ class Objective(_Camel):
         return "max" if self.direction == "maximize" else "min"
 
 
+class TrialResources(_Camel):
+    """What one trial holds while it runs (Ray's ``tune.with_resources``); trials queue for them."""
+
+    cpu: StrictFloat = Field(default=1.0, gt=0, le=1024)
+    gpu: StrictFloat = Field(default=0.0, ge=0, le=64)
+    memory: StrictInt | None = Field(default=None, ge=1)
+    """MiB the trial reserves in Ray's scheduling (not a hard limit on the process)."""
+
+    def ray_resources(self) -> dict[str, float]:
+        out = {"cpu": self.cpu, "gpu": self.gpu}
+        if self.memory is not None:
+            out["memory"] = float(self.memory) * 1024 * 1024
+        return out
+
+
 class DataSplit(_Camel):
     """How curation splits patients: by time (newest in test) or stratified by label."""
 
@@ -113,8 +129,16 @@ class TrainingApproach(_Camel):
     training_image: str = Field(min_length=1)
     max_trials: StrictInt = Field(default=4, ge=1, le=1000)
     max_parallel_trials: StrictInt | None = Field(default=None, ge=1)
-    strategy: Literal["random"] = "random"
+    strategy: Literal["random", "bayesian", "grid"] = "random"
+    """random (seeded), bayesian (Optuna's TPE, seeded), grid (every combination of an all-categorical space)."""
     seed: StrictInt = Field(default=0, ge=0, lt=2**32)
+    max_failed_trials: StrictInt | None = Field(default=None, ge=1)
+    """Failed trials the run tolerates; the experiment stops and the run fails once it is spent.
+    Unset: no budget (the run fails only when no trial succeeded)."""
+    trial_retries: StrictInt = Field(default=0, ge=0, le=10)
+    """Times a failed trial is started again (Ray's ``FailureConfig.max_failures``) before it counts as failed."""
+    early_stopping: Literal["off", "median", "asha"] = "off"
+    resources: TrialResources = Field(default_factory=TrialResources)
     search_space: list[SearchParameter] = Field(default_factory=list)
     static_hyperparameters: dict[str, str] = Field(default_factory=dict)
     metric_definitions: list[MetricDefinition] = Field(min_length=1)
@@ -188,6 +212,8 @@ def _semantic_violations(config: ModelConfig) -> list[tuple[str, str]]:
             if p.min is not None or p.max is not None:
                 out.append((f"{at}.min" if p.min is not None else f"{at}.max", "a categorical parameter takes values, not min/max"))
             continue
+        if approach.strategy == "grid":
+            out.append((f"{at}.type", "grid search takes categorical parameters only"))
         if p.values is not None:
             out.append((f"{at}.values", f"a {p.type.value} parameter takes min and max, not values"))
         if p.min is None or p.max is None:
@@ -201,6 +227,13 @@ def _semantic_violations(config: ModelConfig) -> list[tuple[str, str]]:
             out.append((f"{at}.min", "log scale needs min > 0"))
         if p.scale is Scale.REVERSE_LOG and not (0 <= p.min < p.max < 1):
             out.append((f"{at}.min", "reverseLog scale needs 0 <= min < max < 1"))
+        if p.scale is Scale.REVERSE_LOG and p.type is ParameterType.INTEGER:
+            out.append((f"{at}.scale", "reverseLog scale applies to continuous parameters only"))
+    if approach.strategy == "grid" and all(p.type is ParameterType.CATEGORICAL for p in approach.search_space):
+        combinations = math.prod(len(p.values or []) for p in approach.search_space)
+        if combinations > approach.max_trials:
+            out.append(("trainingApproach.maxTrials",
+                        f"grid search runs every combination ({combinations}); maxTrials must be at least that"))
     for name in approach.static_hyperparameters:
         if name in seen:
             out.append((f"trainingApproach.staticHyperparameters.{name}", "also in searchSpace"))

@@ -88,6 +88,10 @@ class Run(Base):
 
 
 class Trial(Base):
+    """One candidate. ``status``: RUNNING, COMPLETED, FAILED (reason in ``failure_reason``),
+    STOPPED_EARLY (by the early-stopping rule; reason says which) or STOPPED (the experiment
+    ended first: run cancelled, or the failed-trial budget spent)."""
+
     __tablename__ = "trials"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "<run id>-<ray trial id>"
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
@@ -101,6 +105,21 @@ class Trial(Base):
     folder: Mapped[str] = mapped_column(Text)
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     ended_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class TrialMetric(Base):
+    """One match of a metric's regex in a trial's log: the series the API charts.
+
+    The last step of each metric is the trial's final value (``Trial.final_metrics``).
+    """
+
+    __tablename__ = "trial_metrics"
+    account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    trial_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    metric: Mapped[str] = mapped_column(String(200), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    reported_at: Mapped[dt.datetime] = mapped_column()
 
 
 class Snapshot(Base):

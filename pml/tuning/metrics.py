@@ -6,6 +6,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pml.schemas.config import MetricDefinition
 
@@ -21,6 +22,8 @@ class MetricPoint:
 class MetricParser:
     definitions: list[MetricDefinition]
     series: dict[str, list[MetricPoint]] = field(default_factory=dict)
+    on_point: Callable[[str, MetricPoint], None] | None = None
+    """Called with each point as it is found (the trial appends it to its series file)."""
 
     def __post_init__(self) -> None:
         self._compiled = [(d.name, re.compile(d.regex)) for d in self.definitions]
@@ -37,8 +40,11 @@ class MetricParser:
                 if math.isnan(value):
                     continue
                 points = self.series.setdefault(name, [])
-                points.append(MetricPoint(step=len(points), value=value, time=time.time()))
+                point = MetricPoint(step=len(points), value=value, time=time.time())
+                points.append(point)
                 found[name] = value
+                if self.on_point is not None:
+                    self.on_point(name, point)
         return found
 
     def final(self) -> dict[str, float]:

@@ -7,6 +7,7 @@ This function runs inside a Ray worker; it knows nothing of the store. The drive
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,15 @@ from ray import tune
 from pml.images import ResolvedImage
 from pml.runtimes import TrainingJob, runtime_for
 from pml.schemas.config import MetricDefinition, SearchParameter
-from pml.tuning.metrics import MetricParser
+from pml.tuning.metrics import MetricParser, MetricPoint
 from pml.tuning.search_space import as_strings, decode
 
 FAILURE_FILE = "pml_failure.txt"
 METRICS_FILE = "pml_metrics.json"
+SERIES_FILE = "pml_series.jsonl"
+"""Every metric match of the trial's training job, one JSON object a line, as it is found."""
+STARTS_FILE = "pml_starts"
+"""One line per start of the trial (restarts after a retry or a resumed experiment add lines)."""
 
 
 class TrialFailed(Exception):
@@ -50,23 +55,31 @@ class TrialSpec:
 def _train(spec: TrialSpec, folder: Path, channels: dict[str, Path], hyperparameters: dict[str, str],
            report: bool, what: str) -> MetricParser:
     """One training job; raises TrialFailed with the reason a person needs."""
-    parser = MetricParser(spec.metric_definitions)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / SERIES_FILE, "w") as series:
 
-    def on_line(line: str) -> None:
-        found = parser.feed(line)
-        if report and spec.objective in found:
-            tune.report({"objective": found[spec.objective]})
+        def on_point(name: str, point: MetricPoint) -> None:
+            series.write(json.dumps({"metric": name, "step": point.step, "value": point.value, "time": point.time}) + "\n")
+            series.flush()
 
-    job = TrainingJob(image=spec.image, folder=folder, channels=channels, hyperparameters=hyperparameters,
-                      timeout_s=spec.timeout_s)
-    outcome = runtime_for(spec.image.kind).train(job, on_line)
+        parser = MetricParser(spec.metric_definitions, on_point=on_point)
+
+        def on_line(line: str) -> None:
+            found = parser.feed(line)
+            if report and spec.objective in found:
+                # One Ray Tune step per match: what the early-stopping rules compare.
+                tune.report({"objective": found[spec.objective]})
+
+        job = TrainingJob(image=spec.image, folder=folder, channels=channels, hyperparameters=hyperparameters,
+                          timeout_s=spec.timeout_s)
+        outcome = runtime_for(spec.image.kind).train(job, on_line)
     tail = " | ".join(outcome.log_tail[-5:])
     if outcome.timed_out:
         raise TrialFailed(f"{what}stopped after maxRuntimeSeconds ({spec.timeout_s:.0f} s)")
     if outcome.exit_code != 0:
         raise TrialFailed(what + (outcome.failure or f"training exited with code {outcome.exit_code}; last log lines: {tail}"))
     if spec.objective not in parser.series:
-        raise TrialFailed(f"{what}objective metric {spec.objective!r} never reported; last log lines: {tail}")
+        raise TrialFailed(f"{what}objective metric never reported ({spec.objective!r}); last log lines: {tail}")
     return parser
 
 
@@ -74,6 +87,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     trial_id = tune.get_context().get_trial_id()
     folder = spec.trial_folder(trial_id)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in (FAILURE_FILE, METRICS_FILE):  # left by an earlier start of this trial
+        (folder / stale).unlink(missing_ok=True)
+    with open(folder / STARTS_FILE, "a") as starts:
+        starts.write(f"{time.time()}\n")
     hyperparameters = spec.hyperparameters(config)
     try:
         fold_scores = []

@@ -6,6 +6,7 @@ callback records every trial and its progress as it happens, so clients can watc
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -17,11 +18,14 @@ from typing import Any
 # Tune's console tables and SIGINT handler are for scripts, not for a worker service.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+# Save the experiment state at every step of Tune's loop (not every 10 s or more): a worker
+# killed right after a trial finished must not run that trial again when the run resumes.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
 
 from ray import tune  # noqa: E402
-from ray.tune import Callback
-from ray.tune.search import BasicVariantGenerator
-from sqlalchemy import select
+from ray.tune import Callback  # noqa: E402
+from sqlalchemy import delete, func, select  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
 
 from pml import events
 from pml.app import App, current_app
@@ -31,11 +35,11 @@ from pml.datasets.snapshot import cv_folds, load_manifest
 from pml.errors import StepFailed
 from pml.images import resolve_image
 from pml.runs import RunStatus, get_run, run_step, set_status
-from pml.schemas.config import ModelConfig
+from pml.schemas.config import ModelConfig, TrainingApproach
 from pml.settings import Settings
-from pml.store.tables import Trial, utcnow
-from pml.tuning.search_space import to_param_space
-from pml.tuning.trial import FAILURE_FILE, METRICS_FILE, TrialSpec, run_trial
+from pml.store.tables import Trial, TrialMetric, utcnow
+from pml.tuning.strategy import EARLY_STOPPING_RULES, param_space, tune_config
+from pml.tuning.trial import FAILURE_FILE, METRICS_FILE, SERIES_FILE, TrialSpec, run_trial
 
 log = logging.getLogger(__name__)
 _ray_lock = threading.Lock()
@@ -87,11 +91,60 @@ def _trial_number(trial_id: str) -> int:
     return int(tail) + 1 if tail.isdigit() else 0
 
 
+def _failed_trials(session: Session, account_id: str, run_id: str) -> int:
+    return session.scalar(
+        select(func.count()).select_from(Trial).where(
+            Trial.account_id == account_id, Trial.run_id == run_id, Trial.status == "FAILED"
+        )
+    ) or 0
+
+
+def _budget_spent(session: Session, account_id: str, run_id: str, max_failed: int | None) -> bool:
+    return max_failed is not None and _failed_trials(session, account_id, run_id) >= max_failed
+
+
+def _crash_reason(folder: Path) -> str:
+    """A trial that died without a reason of its own (its Ray worker crashed): the log's tail."""
+    log_path = folder / "logs" / "train.log"
+    tail = log_path.read_text(errors="replace").splitlines()[-5:] if log_path.exists() else []
+    return "the trial process crashed" + (f"; last log lines: {' | '.join(tail)}" if tail else "")
+
+
+def _read_series(folder: Path) -> list[dict[str, Any]]:
+    path = folder / SERIES_FILE
+    if not path.exists():
+        return []
+    points = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            points.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short when the trial was killed
+    return points
+
+
+def _store_series(session: Session, account_id: str, trial_id: str, points: list[dict[str, Any]]) -> None:
+    """Replace the trial's stored series with ``points`` (a restarted trial starts its series again)."""
+    session.execute(delete(TrialMetric).where(TrialMetric.account_id == account_id, TrialMetric.trial_id == trial_id))
+    seen: set[tuple[str, int]] = set()
+    for p in points:
+        key = (str(p["metric"]), int(p["step"]))
+        if key in seen:
+            continue
+        seen.add(key)
+        session.add(TrialMetric(
+            account_id=account_id, trial_id=trial_id, metric=key[0], step=key[1], value=float(p["value"]),
+            reported_at=dt.datetime.fromtimestamp(float(p["time"]), dt.timezone.utc),
+        ))
+
+
 class TrialRecorder(Callback):
     """Writes trials and their events to the store from the driver, as Ray Tune reports them."""
 
-    def __init__(self, app: App, account_id: str, run_id: str, spec: TrialSpec, mode: str):
-        self.app, self.account_id, self.run_id, self.spec, self.mode = app, account_id, run_id, spec, mode
+    def __init__(self, app: App, account_id: str, run_id: str, spec: TrialSpec, approach: TrainingApproach):
+        self.app, self.account_id, self.run_id, self.spec = app, account_id, run_id, spec
+        self.early_stopping = approach.early_stopping
+        self.max_failed = approach.max_failed_trials
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray Tune pickles its callbacks with the experiment state; the App (engine, broker)
@@ -137,23 +190,46 @@ class TrialRecorder(Callback):
                       "step": int(result.get("training_iteration", 0))},
             )
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        with self.app.session() as session:
+            events.publish(session, self.account_id, "trial.retrying", run_id=self.run_id,
+                           data={"trialId": self._id(trial), "failures": int(trial.run_metadata.num_failures)})
+
     def _finish(self, trial: Any, status: str) -> None:
         folder = self.spec.trial_folder(trial.trial_id)
         metrics: dict[str, Any] = {}
         if (folder / METRICS_FILE).exists():
             metrics = json.loads((folder / METRICS_FILE).read_text())
+        series = _read_series(folder)
         reason = None
-        if status == "FAILED":
-            failure = folder / FAILURE_FILE
-            reason = failure.read_text() if failure.exists() else "the trial process crashed"
-        final = metrics.get("final", {})
         with self.app.session() as session:
             row = session.get(Trial, self._id(trial))
             if row is None:
                 return
+            if status == "FAILED":
+                failure = folder / FAILURE_FILE
+                reason = failure.read_text() if failure.exists() else _crash_reason(folder)
+            elif not metrics:
+                # Ray Tune ended the trial before its image did: the experiment was stopping,
+                # or the early-stopping rule stopped it (Ray killed its worker and with it the
+                # job's process group).
+                run = get_run(session, self.account_id, self.run_id)
+                if run.status != RunStatus.TUNING.value or _budget_spent(session, self.account_id, self.run_id, self.max_failed):
+                    status, reason = "STOPPED", STOPPED
+                else:
+                    objective = [p for p in series if p["metric"] == self.spec.objective]
+                    last = f"; last value {objective[-1]['value']:g}" if objective else ""
+                    status = "STOPPED_EARLY"
+                    reason = (f"stopped early by {EARLY_STOPPING_RULES.get(self.early_stopping, 'the scheduler')} "
+                              f"after {len(objective)} values of the objective{last}")
+            final = metrics.get("final") or {}
+            if not final:
+                for p in series:
+                    final[p["metric"]] = p["value"]
             row.status, row.failure_reason, row.ended_at = status, reason, utcnow()
             row.final_metrics = final
             row.objective = final.get(self.spec.objective, row.objective)
+            _store_series(session, self.account_id, row.id, series)
             events.publish(
                 session, self.account_id, "trial.finished", run_id=self.run_id,
                 data={"trialId": row.id, "status": status, "objective": row.objective,
@@ -167,13 +243,14 @@ class TrialRecorder(Callback):
         self._finish(trial, "FAILED")
 
 
-class RunCancelled(tune.Stopper):
-    """Stops the whole experiment once the run is no longer TUNING (cancelled or failed)."""
+class ExperimentStopper(tune.Stopper):
+    """Stops the whole experiment once the run is no longer TUNING (cancelled or failed), or
+    once the failed-trial budget (``maxFailedTrials``) is spent."""
 
     CHECK_EVERY_S = 1.0
 
-    def __init__(self, app: App, account_id: str, run_id: str):
-        self.app, self.account_id, self.run_id = app, account_id, run_id
+    def __init__(self, app: App, account_id: str, run_id: str, max_failed: int | None):
+        self.app, self.account_id, self.run_id, self.max_failed = app, account_id, run_id, max_failed
         self._checked, self._stop = 0.0, False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -182,6 +259,7 @@ class RunCancelled(tune.Stopper):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.app = current_app()
+        self._checked, self._stop = 0.0, False
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         return self.stop_all()
@@ -191,12 +269,18 @@ class RunCancelled(tune.Stopper):
         if not self._stop and now - self._checked >= self.CHECK_EVERY_S:
             self._checked = now
             with self.app.session() as session:
-                self._stop = get_run(session, self.account_id, self.run_id).status != RunStatus.TUNING.value
+                self._stop = (
+                    get_run(session, self.account_id, self.run_id).status != RunStatus.TUNING.value
+                    or _budget_spent(session, self.account_id, self.run_id, self.max_failed)
+                )
         return self._stop
 
 
-ABANDONED = "abandoned: the worker running this trial stopped; the run's tuning started again"
-STOPPED = "stopped: the experiment ended before this trial did (the run was cancelled or failed)"
+ABANDONED = "abandoned: the worker running this trial stopped before its experiment could be resumed"
+STOPPED = "stopped: the experiment ended before this trial did (the run was cancelled or failed, or maxFailedTrials was spent)"
+EXPERIMENT_NAME = "experiment"
+"""One fixed Ray Tune experiment per run, under ``<run folder>/ray``: a redelivered message
+resumes it (``tune.Tuner.restore``) instead of starting over."""
 
 
 def _close_unfinished_trials(app: App, account_id: str, run_id: str, status: str, reason: str) -> None:
@@ -218,25 +302,43 @@ def _best_trial(trials: list[Trial], mode: str) -> Trial | None:
     return max(done, key=key)
 
 
-def _fit(app: App, account_id: str, run_id: str, spec: TrialSpec, config: ModelConfig, run_folder: Path) -> None:
-    """One Ray Tune experiment over the run's search space."""
-    approach = config.training_approach
-    mode = approach.objective.mode
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"cpu": 1}),
-        param_space=to_param_space(approach.search_space),
-        tune_config=tune.TuneConfig(
-            num_samples=approach.max_trials, metric="objective", mode=mode,
-            search_alg=BasicVariantGenerator(random_state=approach.seed),
-            max_concurrent_trials=approach.max_parallel_trials,
-        ),
-        run_config=tune.RunConfig(
-            # A redelivered message starts a fresh experiment beside the dead one's.
-            name=f"experiment-{int(time.time() * 1000)}", storage_path=str(run_folder / "ray"),
-            callbacks=[TrialRecorder(app, account_id, run_id, spec, mode)],
-            stop=RunCancelled(app, account_id, run_id), verbose=0,
-        ),
+def experiment_path(run_folder: Path) -> Path:
+    return run_folder / "ray" / EXPERIMENT_NAME
+
+
+def run_experiment(app: App, account_id: str, run_id: str, spec: TrialSpec, approach: TrainingApproach,
+                   run_folder: Path) -> None:
+    """Run (or resume) the run's Ray Tune experiment; trials are recorded as they go.
+
+    Resuming keeps finished and failed trials as they are (``resume_errored`` and
+    ``restart_errored`` off: a failed trial already counts against ``maxFailedTrials``) and
+    starts the trials that were running again from scratch (function trainables keep no
+    checkpoint), so the experiment ends with exactly ``maxTrials`` trials.
+    """
+    path = experiment_path(run_folder)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec), approach.resources.ray_resources()
     )
+    if tune.Tuner.can_restore(str(path)):
+        log.info("resuming the tuning experiment of run %s", run_id)
+        tuner = tune.Tuner.restore(
+            str(path), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False,
+            param_space=param_space(approach),
+        )
+    else:
+        _close_unfinished_trials(app, account_id, run_id, "ABANDONED", ABANDONED)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(approach),
+            tune_config=tune_config(approach),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT_NAME, storage_path=str(path.parent),
+                callbacks=[TrialRecorder(app, account_id, run_id, spec, approach)],
+                stop=ExperimentStopper(app, account_id, run_id, approach.max_failed_trials),
+                failure_config=tune.FailureConfig(max_failures=approach.trial_retries),
+                verbose=0,
+            ),
+        )
     tuner.fit()
 
 
@@ -255,7 +357,6 @@ def tune_run(app: App, account_id: str, run_id: str) -> bool:
             # The inference image is needed right after tuning: fail now, not after the trials.
             resolve_image(session, config.deploy_approach.inference_image)
             snapshot_id = run.snapshot_id
-        _close_unfinished_trials(app, account_id, run_id, "FAILED", ABANDONED)
         assert snapshot_id is not None
         approach = config.training_approach
         blobs = app.blobs(account_id)
@@ -289,7 +390,7 @@ def tune_run(app: App, account_id: str, run_id: str) -> bool:
         ensure_ray(app.settings)
         with _experiment_lock:
             try:
-                _fit(app, account_id, run_id, spec, config, run_folder)
+                run_experiment(app, account_id, run_id, spec, approach, run_folder)
             finally:
                 _close_unfinished_trials(app, account_id, run_id, "STOPPED", STOPPED)
         with app.session() as session:
@@ -297,6 +398,11 @@ def tune_run(app: App, account_id: str, run_id: str) -> bool:
                 return False  # cancelled while tuning
         with app.session() as session:
             trials = list(session.scalars(select(Trial).where(Trial.account_id == account_id, Trial.run_id == run_id)))
+        failed = [t for t in trials if t.status == "FAILED"]
+        if approach.max_failed_trials is not None and len(failed) >= approach.max_failed_trials:
+            reasons = sorted({(t.failure_reason or "no result")[:300] for t in failed})
+            raise StepFailed(f"maxFailedTrials ({approach.max_failed_trials}) spent: {len(failed)} of "
+                             f"{len(trials)} trials failed: " + " || ".join(reasons[:3]))
         best = _best_trial(trials, mode)
         if best is None:
             reasons = sorted({(t.failure_reason or "no result")[:300] for t in trials})

@@ -196,7 +196,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "model_id", "state", "failed_step", "failure_reason", "snapshot_id", "challenger_trial_id", "champion_run_id", "challenger_metrics", "champion_metrics", "has_champion_metrics", "artifact_sha256", "deploy_status", "deploy_error", "curation_report_json", "create_time", "end_time")
+    __slots__ = ("id", "model_id", "state", "failed_step", "failure_reason", "snapshot_id", "challenger_trial_id", "champion_run_id", "challenger_metrics", "champion_metrics", "has_champion_metrics", "artifact_sha256", "deploy_status", "deploy_error", "curation_report_json", "create_time", "end_time", "config_json")
     class ChallengerMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class Run(_message.Message):
     CURATION_REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     id: str
     model_id: str
     state: RunState
@@ -245,7 +246,8 @@ class Run(_message.Message):
     curation_report_json: str
     create_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., failed_step: _Optional[str] = ..., failure_reason: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., challenger_trial_id: _Optional[str] = ..., champion_run_id: _Optional[str] = ..., challenger_metrics: _Optional[_Mapping[str, float]] = ..., champion_metrics: _Optional[_Mapping[str, float]] = ..., has_champion_metrics: _Optional[bool] = ..., artifact_sha256: _Optional[str] = ..., deploy_status: _Optional[str] = ..., deploy_error: _Optional[str] = ..., curation_report_json: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    config_json: str
+    def __init__(self, id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., failed_step: _Optional[str] = ..., failure_reason: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., challenger_trial_id: _Optional[str] = ..., champion_run_id: _Optional[str] = ..., challenger_metrics: _Optional[_Mapping[str, float]] = ..., champion_metrics: _Optional[_Mapping[str, float]] = ..., has_champion_metrics: _Optional[bool] = ..., artifact_sha256: _Optional[str] = ..., deploy_status: _Optional[str] = ..., deploy_error: _Optional[str] = ..., curation_report_json: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class CreateRunRequest(_message.Message):
     __slots__ = ("model_id",)
