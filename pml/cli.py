@@ -51,21 +51,32 @@ def _app() -> "App":
 @app.command()
 def serve(
     grpc_port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC port (0 picks a free one).")] = 50051,
+    http_port: Annotated[int, typer.Option(min=0, max=65535, help="HTTP/JSON API port (0 picks a free one).")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind; loopback unless told otherwise.")] = "127.0.0.1",
     workers: Annotated[bool, typer.Option(help="Also run the workers in this process (embedded).")] = True,
 ) -> None:
-    """Start the gRPC gateway (and, embedded, the workers)."""
+    """Start the gRPC gateway and the HTTP/JSON API (and, embedded, the workers)."""
     from pml.gateway.server import build_server
+    from pml.http.server import start_http_server
     from pml.workers import start_workers
 
     pml_app = _app()
     worker = start_workers(pml_app) if workers else None
     server, port = build_server(pml_app, f"{host}:{grpc_port}")
+    try:
+        http = start_http_server(pml_app, host, http_port)
+    except BaseException:
+        server.stop(grace=0)
+        if worker:
+            worker.stop()
+        raise
     console.print(f"pml gateway on {host}:{port}" + (" with in-process workers" if worker else ""))
+    console.print(f"pml HTTP API on http://{host}:{http.port}/v1/patient-ml (OpenAPI: /v1/patient-ml/openapi.json)")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
+    http.stop()
     server.stop(grace=5)
     if worker:
         worker.stop()

@@ -191,3 +191,13 @@ def tuning_app(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
     shutdown_ray()
     set_current_app(None)
     app.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def http_base(stack: Stack) -> Iterator[str]:
+    """The HTTP/JSON API of the stack's store, served by uvicorn on a free loopback port."""
+    from pml.http.server import start_http_server
+
+    server = start_http_server(stack.app, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.port}"
+    server.stop()
