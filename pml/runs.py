@@ -7,6 +7,7 @@ Steps are idempotent: a redelivered message finds the state moved on and only re
 from __future__ import annotations
 
 import logging
+import traceback
 from enum import Enum
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from pml import events
 from pml.app import App
-from pml.errors import FailedPrecondition, InvalidArgument, NotFound, StepFailed
+from pml.errors import FailedPrecondition, InvalidArgument, NotFound, PmlError
 from pml.models import get_model
 from pml.store.tables import Approval, Run, utcnow
 
@@ -82,20 +83,34 @@ def fail_run(app: App, account_id: str, run_id: str, step: str, reason: str) -> 
         set_status(session, run, RunStatus.FAILED, step=step, reason=run.failure_reason)
 
 
+def internal_failure_reason(step: str, run_id: str, exc: BaseException) -> str:
+    """What a run says when a bug ended it: the step and the exception's type, never its
+    message, which may quote record content (the reason is published in events and webhooks)."""
+    return f"internal error in the {step} step ({type(exc).__name__}); see the worker log for run {run_id}"
+
+
+def log_internal_failure(step: str, run_id: str, exc: BaseException) -> None:
+    """Log a bug's type and frames for the operator, without its message (it may hold PHI)."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("step %s of run %s failed with %s (message withheld: it may quote records)\n%s",
+              step, run_id, type(exc).__name__, frames)
+
+
 def run_step(app: App, account_id: str, run_id: str, step: str, work: Callable[[], bool]) -> bool:
-    """Do one step; a StepFailed (or any bug) fails the run with the step and reason.
+    """Do one step; a pml error fails the run with its own (safe) message, any other
+    exception (a bug) with :func:`internal_failure_reason`.
 
     Returns whether the next step should be enqueued.
     """
     try:
         return work()
-    except StepFailed as exc:
-        fail_run(app, account_id, run_id, step, str(exc))
     except NotFound:
         log.warning("run %s of account %s vanished during %s", run_id, account_id, step)
+    except PmlError as exc:  # StepFailed and the rest: messages pml wrote, with ids and fields only
+        fail_run(app, account_id, run_id, step, str(exc))
     except Exception as exc:  # a bug must not leave the run stuck
-        log.exception("step %s of run %s failed", step, run_id)
-        fail_run(app, account_id, run_id, step, f"internal error: {type(exc).__name__}: {exc}")
+        log_internal_failure(step, run_id, exc)
+        fail_run(app, account_id, run_id, step, internal_failure_reason(step, run_id, exc))
     return False
 
 

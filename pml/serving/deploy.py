@@ -2,7 +2,8 @@
 
 The new server starts and must pass its health check before predictions switch to it;
 only then is the old one stopped. With the process runtime a deployment lives as long as
-the worker process that started it; a docker deployment outlives it.
+the worker process that started it; a docker deployment outlives it. Each deployment's
+outcome is an audit entry (``run.deploy``) in the transaction that records it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import logging
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from pml import events
+from pml import audit, events
 from pml.app import App
 from pml.artifacts import unpack_model
 from pml.errors import PmlError
@@ -20,10 +22,12 @@ from pml.models import get_model
 from pml.runs import get_run
 from pml.runtimes import InferenceServer, runtime_for, stop_server_elsewhere
 from pml.serving.client import forget
-from pml.store.tables import Deployment, utcnow
+from pml.store.tables import Approval, Deployment, utcnow
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 120.0
+# The audit actor of a deployment that no approval asked for (there is none today).
+SYSTEM_ACTOR = "system"
 
 # Servers this process started, by deployment id, so it can stop them when replaced.
 _servers: dict[str, InferenceServer] = {}
@@ -36,6 +40,24 @@ def _stop(deployment_id: str, pid: int | None, endpoint: str | None) -> None:
         forget(server.endpoint)
     else:
         stop_server_elsewhere(endpoint or "", pid)  # started by another worker on this host
+
+
+def _approver(session: Session, account_id: str, run_id: str) -> str:
+    """Who asked for the deployment: the actor of the run's approval (``key:<id>``, ``admin``)."""
+    actor = session.scalar(
+        select(Approval.actor).where(
+            Approval.account_id == account_id, Approval.run_id == run_id, Approval.decision == "approved"
+        )
+    )
+    return actor or SYSTEM_ACTOR
+
+
+def _audit_deploy(session: Session, account_id: str, run_id: str, outcome: str) -> None:
+    """The deploy's audit entry: the worker carries out what the approver asked for."""
+    audit.record(
+        session, account_id=account_id, actor=_approver(session, account_id, run_id), action="run.deploy",
+        target_type="run", target_id=run_id, outcome=outcome, interface="worker",
+    )
 
 
 def deploy_run(app: App, account_id: str, run_id: str) -> None:
@@ -85,7 +107,12 @@ def deploy_run(app: App, account_id: str, run_id: str) -> None:
             run.deploy_status, run.deploy_error = "FAILED", str(exc)
             events.publish(session, account_id, "deployment.failed", run_id=run_id, model_id=model_id,
                            data={"deploymentId": deployment_id, "reason": str(exc)})
+            _audit_deploy(session, account_id, run_id, exc.code)
         return
+    except Exception:  # a bug: the message is redelivered, and this attempt is on the record
+        with app.session() as session:
+            _audit_deploy(session, account_id, run_id, "INTERNAL")
+        raise
     _servers[deployment_id] = server
     with app.session() as session:
         old = list(
@@ -107,6 +134,7 @@ def deploy_run(app: App, account_id: str, run_id: str) -> None:
         run.deploy_status, run.deploy_error = "DEPLOYED", None
         events.publish(session, account_id, "deployment.serving", run_id=run_id, model_id=model_id,
                        data={"deploymentId": deployment_id})
+        _audit_deploy(session, account_id, run_id, "ok")
         stopped = [(row.id, row.pid, row.endpoint) for row in old]
     for old_id, pid, endpoint in stopped:  # only after the switch: no request meets a stopped server
         _stop(old_id, pid, endpoint)
