@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = None
     """CPUs a local Ray may use (default: all)."""
 
+    ray_num_gpus: int | None = None
+    """GPUs a local Ray hands to trials (default: those it detects). Joining a cluster
+    (``ray_address``), the cluster's nodes say what they have."""
+
     admin_key: str | None = None
     """Bearer key for the admin calls (accounts, API keys) over gRPC; unset = admin calls refused."""
 

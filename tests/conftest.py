@@ -183,7 +183,10 @@ def tuning_app(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> I
     from pml.app import set_current_app
     from pml.tuning.tuner import ensure_ray, shutdown_ray
 
-    settings = Settings(home=tmp_path_factory.mktemp("tuning-home"), database_url=postgres_url, ray_num_cpus=2)
+    # One GPU declared to Ray (none is on the machine): Ray hands it to a trial that asks for
+    # it, so the tests see the assigned GPU reach the training job.
+    settings = Settings(home=tmp_path_factory.mktemp("tuning-home"), database_url=postgres_url,
+                        ray_num_cpus=2, ray_num_gpus=1)
     app = App(settings)
     set_current_app(app)
     ensure_ray(settings)

@@ -64,6 +64,12 @@ PROBE_TRAIN = textwrap.dedent('''\
         with open("/opt/ml/output/failure", "w") as f:
             f.write("bad hyperparameter: " + "x" * 2000)
         sys.exit(3)
+    elif mode == "interleave":
+        # A stdout line in two writes with a whole stderr line between them.
+        sys.stdout.write("epoch=1 sco"); sys.stdout.flush(); time.sleep(0.3)
+        print("epoch=1 loss=0.5", file=sys.stderr, flush=True); time.sleep(0.3)
+        print("re=0.9", flush=True)
+        print("cpus=" + os.environ["SM_NUM_CPUS"], flush=True)
     elif mode == "memory":
         hog = []
         for _ in range(64):
@@ -211,6 +217,16 @@ def test_memory_and_cpu_limits_are_applied(tmp_path: Path, engine: docker.Docker
     finally:
         worker.join(60)
     assert result and not result[0].succeeded
+
+
+def test_stdout_and_stderr_lines_stay_whole_when_they_interleave(tmp_path: Path, probe_image: str,
+                                                               channels: dict[str, Path]) -> None:
+    job = _job(tmp_path, probe_image, channels, mode="interleave")
+    job.cpus = 2
+    outcome, lines = _train(job)
+    assert outcome.succeeded, outcome.log_tail
+    assert "epoch=1 score=0.9" in lines and "epoch=1 loss=0.5" in lines, lines
+    assert "cpus=2" in lines, "SM_NUM_CPUS is the job's CPU count"
 
 
 def test_training_over_its_memory_limit_fails_with_the_reason(tmp_path: Path, probe_image: str,

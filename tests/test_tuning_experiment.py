@@ -9,10 +9,11 @@ from pathlib import Path
 from sqlalchemy import select
 
 from pml.app import App
+from pml.events import list_events
 from pml.runs import get_run
 from pml.store.tables import Trial
 from pml.tuning.logs import trial_log_lines
-from pml.tuning.trial import SERIES_FILE
+from pml.tuning.trial import SERIES_FILE, STARTS_FILE
 from pml.trials import trial_metric_series
 from pml.tuning.tuner import tune_run
 from tests.tuning_support import pid_alive, recorded_pids, run_ready_to_tune, tuning_config
@@ -119,3 +120,37 @@ def test_trials_take_their_resources_and_asha_stops_the_bad_one(tuning_app: App,
     intervals.sort()
     assert intervals[0][1] <= intervals[1][0], f"trials holding 2 CPUs each ran at once: {intervals}"
     assert (Path(trials["good"].folder) / SERIES_FILE).exists()
+    lines = [line.text for line in trial_log_lines(tuning_app, account, trials["good"].id)]
+    # The trial's resources reach the job; a trial without GPUs sees none.
+    assert "resources cpus=2 gpus=0 visible=" in lines, lines[:3]
+
+
+def test_a_retried_trial_is_not_counted_against_the_failure_budget(tuning_app: App, tmp_path: Path) -> None:
+    """trialRetries restarts a trial that failed; only a trial that fails for good spends
+    maxFailedTrials (here 1, so one counted failure would fail the run)."""
+    account = f"acct-{uuid.uuid4().hex[:8]}"
+    config = tuning_config(
+        strategy="grid", maxTrials=2, maxParallelTrials=1, maxFailedTrials=1, trialRetries=1,
+        searchSpace=_grid("flaky", "good"),
+    )
+    run_id = run_ready_to_tune(tuning_app, tmp_path, account, config)
+    assert tune_run(tuning_app, account, run_id), "a retried trial must not spend the failure budget"
+    trials = _trials(tuning_app, run_id)
+    assert {n: t.status for n, t in trials.items()} == {"flaky": "COMPLETED", "good": "COMPLETED"}
+    flaky = trials["flaky"]
+    assert len((Path(flaky.folder) / STARTS_FILE).read_text().splitlines()) == 2, "started twice"
+    with tuning_app.session() as session:
+        retried = [e for e in list_events(session, account, run_id=run_id) if e.type == "trial.retrying"]
+    assert [e.data["trialId"] for e in retried] == [flaky.id], retried
+
+
+def test_the_gpu_ray_assigns_reaches_the_training_job(tuning_app: App, tmp_path: Path) -> None:
+    """The test Ray declares one GPU: a trial asking for it sees exactly that one."""
+    account = f"acct-{uuid.uuid4().hex[:8]}"
+    config = tuning_config(strategy="grid", maxTrials=1, resources={"cpu": 1, "gpu": 1},
+                           searchSpace=_grid("good"))
+    run_id = run_ready_to_tune(tuning_app, tmp_path, account, config)
+    assert tune_run(tuning_app, account, run_id)
+    good = _trials(tuning_app, run_id)["good"]
+    lines = [line.text for line in trial_log_lines(tuning_app, account, good.id)]
+    assert "resources cpus=1 gpus=1 visible=0" in lines, lines[:3]

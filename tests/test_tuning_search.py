@@ -75,6 +75,8 @@ def test_reverse_log_values_stay_in_range_and_crowd_towards_one() -> None:
         ({"resources": {"disk": 1}}, "trainingApproach.resources.disk", "Extra inputs"),
         ({"searchSpace": [{"name": "n", "type": "integer", "scale": "reverseLog", "min": 0, "max": 0.5}]},
          "trainingApproach.searchSpace[0].scale", "continuous parameters only"),
+        ({"searchSpace": [{"name": "n", "type": "integer", "min": "3", "max": 5}]},
+         "trainingApproach.searchSpace[0].min", "valid number"),
     ],
 )
 def test_bad_tuning_config_names_field_and_reason(fields: dict[str, Any], field: str, reason: str) -> None:

@@ -33,6 +33,8 @@ CODE = "tiny-image"
 #   fail   writes /opt/ml/output/failure and exits 1
 #   crash  prints a line and exits 3 without a failure file
 #   silent prints lines the objective regex never matches, exits 0
+#   flaky  exits 4 on its first start (a transient failure), behaves as good on the next
+# Every start also prints what the runtime gave it: "resources cpus=N gpus=N visible=...".
 FAKE_TRAIN = r'''#!/usr/bin/env python3
 import json, os, subprocess, sys, time
 hp = json.load(open(os.path.join(os.environ["SM_INPUT_CONFIG_DIR"], "hyperparameters.json")))
@@ -43,6 +45,12 @@ with open("pids", "a") as f:
 with open("intervals", "a") as f:
     f.write(f"start {time.time()}\n")
 print(f"hyperparameters {json.dumps(hp, sort_keys=True)}", flush=True)
+print(f"resources cpus={os.environ['SM_NUM_CPUS']} gpus={os.environ['SM_NUM_GPUS']} "
+      f"visible={os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}", flush=True)
+if behaviour.startswith("flaky") and not os.path.exists("flaky-started"):
+    open("flaky-started", "w").close()
+    print("transient failure", file=sys.stderr, flush=True)
+    sys.exit(4)
 if behaviour.startswith("fail"):
     with open(os.path.join(os.environ["SM_OUTPUT_DIR"], "failure"), "w") as f:
         f.write("Training failed: behaviour says fail" + "!" * 2000)

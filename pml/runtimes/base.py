@@ -27,7 +27,7 @@ class TrainingJob:
     gpu_ids: list[str] = field(default_factory=list)
     """The GPUs Ray assigned to the trial (``ray.get_gpu_ids()``); the docker runtime passes them."""
     cpus: float = 1.0
-    """CPU limit of the job (the docker runtime enforces it; the process runtime only reports it)."""
+    """CPU limit of the job (the docker runtime enforces it; both report it in ``SM_NUM_CPUS``)."""
     memory_bytes: int = DEFAULT_MEMORY_BYTES
     """Memory limit of the job, swap included (enforced by the docker runtime)."""
 

@@ -88,16 +88,24 @@ def _user() -> str:
     return f"{os.getuid()}:{os.getgid()}"
 
 
-def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
-    """Whole lines from the log stream; the engine's chunks do not follow line ends."""
-    pending = b""
-    for chunk in chunks:
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line.decode("utf-8", errors="replace").rstrip("\r")
-    if pending:
-        yield pending.decode("utf-8", errors="replace").rstrip("\r")
+def _lines(frames: Iterator[tuple[bytes | None, bytes | None]]) -> Iterator[str]:
+    """Whole lines from a demultiplexed attach stream, kept apart per stream.
+
+    The engine's frames do not follow line ends, and stdout and stderr frames interleave:
+    a partial stdout line must not be glued to the stderr frame that comes next.
+    """
+    pending = [b"", b""]
+    for frame in frames:
+        for stream, chunk in enumerate(frame):
+            if not chunk:
+                continue
+            pending[stream] += chunk
+            *lines, pending[stream] = pending[stream].split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", errors="replace").rstrip("\r")
+    for rest in pending:
+        if rest:
+            yield rest.decode("utf-8", errors="replace").rstrip("\r")
 
 
 def _remove(container: Container) -> None:
@@ -138,6 +146,9 @@ class DockerRuntime:
         try:
             try:
                 container = client.containers.create(name=name, **self._train_options(job))
+                # Attached before it starts, so no line is missed; one stream each for stdout
+                # and stderr (demux), so their partial lines never mix.
+                frames = container.attach(stdout=True, stderr=True, stream=True, demux=True)
                 container.start()
             except DockerImageNotFound:
                 return TrainingOutcome(exit_code=-1, failure=_missing_image(str(job.image.reference)))
@@ -161,7 +172,7 @@ class DockerRuntime:
             timer.start()
             try:
                 with open(log_dir / "train.log", "w") as log_file:
-                    for line in _lines(container.logs(stdout=True, stderr=True, stream=True, follow=True)):
+                    for line in _lines(frames):
                         log_file.write(line + "\n")
                         log_file.flush()
                         tail.append(line)

@@ -163,8 +163,10 @@ class ProcessRuntime:
                 "SM_OUTPUT_DATA_DIR": str(job.output_dir / "data"),
                 "SM_CHANNELS": json.dumps(sorted(job.channels)),
                 "SM_HPS": json.dumps(job.hyperparameters),
-                "SM_NUM_GPUS": "0",
-                "SM_NUM_CPUS": "1",
+                "SM_NUM_GPUS": str(len(job.gpu_ids)),
+                "SM_NUM_CPUS": str(max(1, int(job.cpus))),
+                # Only the GPUs Ray assigned to this trial (none: none visible).
+                "CUDA_VISIBLE_DEVICES": ",".join(job.gpu_ids),
             }
         )
         for name, path in job.channels.items():

@@ -74,8 +74,8 @@ class SearchParameter(_Camel):
     name: str = Field(min_length=1)
     type: ParameterType
     scale: Scale = Scale.AUTO
-    min: float | None = None
-    max: float | None = None
+    min: StrictFloat | None = None
+    max: StrictFloat | None = None
     values: list[str] | None = None
 
 
@@ -99,7 +99,8 @@ class TrialResources(_Camel):
     cpu: StrictFloat = Field(default=1.0, gt=0, le=1024)
     gpu: StrictFloat = Field(default=0.0, ge=0, le=64)
     memory: StrictInt | None = Field(default=None, ge=1)
-    """MiB the trial reserves in Ray's scheduling (not a hard limit on the process)."""
+    """MiB the trial reserves in Ray's scheduling; the docker runtime also makes it the
+    container's hard limit (swap included). The process runtime only schedules by it."""
 
     def ray_resources(self) -> dict[str, float]:
         out = {"cpu": self.cpu, "gpu": self.gpu}
@@ -133,8 +134,9 @@ class TrainingApproach(_Camel):
     """random (seeded), bayesian (Optuna's TPE, seeded), grid (every combination of an all-categorical space)."""
     seed: StrictInt = Field(default=0, ge=0, lt=2**32)
     max_failed_trials: StrictInt | None = Field(default=None, ge=1)
-    """Failed trials the run tolerates; the experiment stops and the run fails once it is spent.
-    Unset: no budget (the run fails only when no trial succeeded)."""
+    """The failure budget: the ``max_failed_trials``-th failed trial spends it, which stops the
+    experiment and fails the run. Retried trials (``trial_retries``) that then succeed do not
+    count. Unset: no budget (the run fails only when no trial succeeded)."""
     trial_retries: StrictInt = Field(default=0, ge=0, le=10)
     """Times a failed trial is started again (Ray's ``FailureConfig.max_failures``) before it counts as failed."""
     early_stopping: Literal["off", "median", "asha"] = "off"

@@ -17,6 +17,7 @@ from ray import tune
 
 from pml.images import ResolvedImage
 from pml.runtimes import TrainingJob, runtime_for
+from pml.runtimes.base import DEFAULT_MEMORY_BYTES
 from pml.schemas.config import MetricDefinition, SearchParameter
 from pml.tuning.metrics import MetricParser, MetricPoint
 from pml.tuning.search_space import as_strings, decode
@@ -45,6 +46,10 @@ class TrialSpec:
     timeout_s: float
     cv_channels: list[dict[str, Path]] = field(default_factory=list)
     """Time-series CV folds; when given, the objective is the mean over the folds."""
+    cpus: float = 1.0
+    """The trial's ``resources.cpu``: what Ray reserves and the docker runtime's CPU limit."""
+    memory_bytes: int = DEFAULT_MEMORY_BYTES
+    """The trial's ``resources.memory`` (or the default): the docker runtime's memory limit."""
 
     def trial_folder(self, trial_id: str) -> Path:
         return self.run_folder / "trials" / trial_id
@@ -54,8 +59,12 @@ class TrialSpec:
 
 
 def _train(spec: TrialSpec, folder: Path, channels: dict[str, Path], hyperparameters: dict[str, str],
-           report: bool, what: str) -> MetricParser:
-    """One training job; raises TrialFailed with the reason a person needs."""
+           report: bool, what: str, deadline: float) -> MetricParser:
+    """One training job, stopped at ``deadline`` (monotonic); raises TrialFailed with the reason.
+
+    The deadline is the trial's, not the job's: with time-series CV a trial runs one job per
+    fold and one for the final model, and ``maxRuntimeSeconds`` bounds them all together.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / SERIES_FILE, "w") as series:
 
@@ -72,7 +81,8 @@ def _train(spec: TrialSpec, folder: Path, channels: dict[str, Path], hyperparame
                 tune.report({"objective": found[spec.objective]})
 
         job = TrainingJob(image=spec.image, folder=folder, channels=channels, hyperparameters=hyperparameters,
-                          timeout_s=spec.timeout_s, gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+                          timeout_s=max(0.0, deadline - time.monotonic()), gpu_ids=[str(g) for g in ray.get_gpu_ids()],
+                          cpus=spec.cpus, memory_bytes=spec.memory_bytes)
         outcome = runtime_for(spec.image.kind).train(job, on_line)
     tail = " | ".join(outcome.log_tail[-5:])
     if outcome.timed_out:
@@ -93,14 +103,15 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     with open(folder / STARTS_FILE, "a") as starts:
         starts.write(f"{time.time()}\n")
     hyperparameters = spec.hyperparameters(config)
+    deadline = time.monotonic() + spec.timeout_s
     try:
         fold_scores = []
         for i, channels in enumerate(spec.cv_channels):
-            parser = _train(spec, folder / "cv" / f"fold-{i}", channels, hyperparameters, False, f"fold {i}: ")
+            parser = _train(spec, folder / "cv" / f"fold-{i}", channels, hyperparameters, False, f"fold {i}: ", deadline)
             fold_scores.append(parser.final()[spec.objective])
             tune.report({"objective": sum(fold_scores) / len(fold_scores)})
         # The model itself always trains on the full train split (validated on validation).
-        parser = _train(spec, folder, spec.channels, hyperparameters, not spec.cv_channels, "")
+        parser = _train(spec, folder, spec.channels, hyperparameters, not spec.cv_channels, "", deadline)
     except TrialFailed as exc:
         (folder / FAILURE_FILE).write_text(str(exc))
         raise

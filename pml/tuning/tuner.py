@@ -35,6 +35,7 @@ from pml.datasets.snapshot import cv_folds, load_manifest
 from pml.errors import StepFailed
 from pml.images import resolve_image
 from pml.runs import RunStatus, get_run, run_step, set_status
+from pml.runtimes.base import DEFAULT_MEMORY_BYTES
 from pml.schemas.config import ModelConfig, TrainingApproach
 from pml.settings import Settings
 from pml.store.tables import Trial, TrialMetric, utcnow
@@ -65,6 +66,7 @@ def ensure_ray(settings: Settings, attempts: int = 3) -> None:
                 ray.init(
                     address=settings.ray_address,
                     num_cpus=None if settings.ray_address else settings.ray_num_cpus,
+                    num_gpus=None if settings.ray_address else settings.ray_num_gpus,
                     include_dashboard=False,
                     log_to_driver=False,
                     configure_logging=False,
@@ -384,7 +386,9 @@ def tune_run(app: App, account_id: str, run_id: str) -> bool:
             static_hyperparameters=dict(approach.static_hyperparameters),
             search_space=list(approach.search_space), metric_definitions=list(approach.metric_definitions),
             objective=approach.objective.metric, timeout_s=float(approach.max_runtime_seconds),
-            cv_channels=cv_channels,
+            cv_channels=cv_channels, cpus=approach.resources.cpu,
+            memory_bytes=(approach.resources.memory * 2**20 if approach.resources.memory is not None
+                          else DEFAULT_MEMORY_BYTES),
         )
         mode = approach.objective.mode
         ensure_ray(app.settings)
