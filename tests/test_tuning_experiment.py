@@ -154,3 +154,18 @@ def test_the_gpu_ray_assigns_reaches_the_training_job(tuning_app: App, tmp_path:
     good = _trials(tuning_app, run_id)["good"]
     lines = [line.text for line in trial_log_lines(tuning_app, account, good.id)]
     assert "resources cpus=1 gpus=1 visible=0" in lines, lines[:3]
+
+
+def test_trials_run_side_by_side_by_default_as_the_cluster_holds_them(tuning_app: App, tmp_path: Path) -> None:
+    """No maxParallelTrials: two one-CPU trials on the two-CPU test Ray run at the same time."""
+    account = f"acct-{uuid.uuid4().hex[:8]}"
+    config = tuning_config(strategy="grid", maxTrials=2, searchSpace=_grid("slow-a", "slow-b"),
+                           staticHyperparameters={"delay": "0.5", "steps": "12"})
+    run_id = run_ready_to_tune(tuning_app, tmp_path, account, config)
+    assert tune_run(tuning_app, account, run_id)
+    intervals = []
+    for trial in _trials(tuning_app, run_id).values():
+        marks = dict(line.split() for line in (Path(trial.folder) / "intervals").read_text().splitlines())
+        intervals.append((float(marks["start"]), float(marks["end"])))
+    intervals.sort()
+    assert intervals[1][0] < intervals[0][1], f"the trials ran one after the other: {intervals}"
