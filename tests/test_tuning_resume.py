@@ -90,13 +90,15 @@ def resume_setup(tmp_path: Path, postgres_url: str, redis_namespace: str) -> Ite
     app.engine.dispose()
 
 
+@pytest.mark.parametrize("strategy", ["random", "bayesian"])
 def test_killed_tune_worker_resumes_the_experiment_without_rerunning_finished_trials(
-    resume_setup: tuple[App, Workers], tmp_path: Path
+    resume_setup: tuple[App, Workers], tmp_path: Path, strategy: str
 ) -> None:
+    """Bayesian too: the restored experiment brings back Optuna's searcher with its history."""
     app, workers = resume_setup
     account = f"acct-{uuid.uuid4().hex[:8]}"
     config = tuning_config(
-        maxTrials=MAX_TRIALS, maxParallelTrials=1, seed=3,
+        strategy=strategy, maxTrials=MAX_TRIALS, maxParallelTrials=1, seed=3,
         searchSpace=[{"name": "x", "type": "continuous", "min": 0, "max": 1}],
         staticHyperparameters={"behaviour": "slow", "delay": "0.4", "steps": "8"},
     )
