@@ -34,6 +34,9 @@ STOP_GRACE_S = 5.0
 _live_servers: set["ProcessServer"] = set()
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Looked up once here, not in the forked child: a child of a threaded process (a Ray worker)
+# must not take the loader's locks that another thread may have held at the fork.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 # Kills a job's process group when its parent dies. start_new_session puts the job out of
 # reach of the killer of its parent (Ray kills a stopped trial's worker process), and the
 # kernel's parent-death signal reaches the entry point only, not what it started; so this
@@ -56,8 +59,7 @@ def _die_with_parent(signum: int) -> Callable[[], None]:
     parent = os.getpid()
 
     def set_death_signal() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        _prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os.kill(os.getpid(), signum)
 
