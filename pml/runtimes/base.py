@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from pml.errors import StepFailed
 from pml.images import ResolvedImage
 
 # SageMaker's limit on the failure reason it keeps; the rest is in the log.
@@ -83,6 +87,31 @@ class InferenceServer(Protocol):
     def alive(self) -> bool: ...
 
     def wait_healthy(self, timeout_s: float) -> None: ...
+
+
+def wait_until_pinged(server: InferenceServer, timeout_s: float, what: str,
+                      exited: Callable[[], tuple[object, list[str]]]) -> None:
+    """Poll ``GET /ping`` until it answers 200; the server is stopped if it never does.
+
+    ``exited`` gives the exit code and last log lines of a server that died while starting:
+    the reason a person needs, raised as StepFailed.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not server.alive():
+            code, tail = exited()
+            server.stop()
+            raise StepFailed(f"{what} exited with code {code} before it was healthy; "
+                             f"last log lines: {' | '.join(tail)}")
+        try:
+            with urllib.request.urlopen(f"{server.endpoint}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise StepFailed(f"{what} was not healthy (GET /ping) within {timeout_s:.0f} s")
 
 
 class Runtime(Protocol):

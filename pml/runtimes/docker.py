@@ -12,9 +12,6 @@ import logging
 import os
 import socket
 import threading
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import deque
 from pathlib import Path
@@ -28,7 +25,7 @@ from docker.types import DeviceRequest
 
 from pml.errors import ImageNotFound, StepFailed
 from pml.images import ResolvedImage
-from pml.runtimes.base import DEFAULT_MEMORY_BYTES, TrainingJob, TrainingOutcome
+from pml.runtimes.base import DEFAULT_MEMORY_BYTES, TrainingJob, TrainingOutcome, wait_until_pinged
 from pml.runtimes.process import LOG_TAIL_LINES, free_port
 from pml.runtimes.watchdog import ContainerWatchdog, WatchdogFailed
 
@@ -305,25 +302,8 @@ class DockerServer:
         return raw.decode("utf-8", errors="replace").splitlines()
 
     def wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive():
-                code = self.container.attrs.get("State", {}).get("ExitCode")
-                tail = self._log_tail(5)
-                self.stop()
-                raise StepFailed(
-                    f"inference container exited with code {code} before it was healthy; "
-                    f"last log lines: {' | '.join(tail)}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise StepFailed(f"inference container was not healthy (GET /ping) within {timeout_s:.0f} s")
+        wait_until_pinged(self, timeout_s, "inference container",
+                          lambda: (self.container.attrs.get("State", {}).get("ExitCode"), self._log_tail(5)))
 
     def stop(self) -> None:
         _live_servers.discard(self)

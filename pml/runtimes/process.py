@@ -17,16 +17,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections import deque
 from pathlib import Path
 from typing import Callable
 
-from pml.errors import StepFailed
 from pml.images import ResolvedImage
-from pml.runtimes.base import TrainingJob, TrainingOutcome
+from pml.runtimes.base import TrainingJob, TrainingOutcome, wait_until_pinged
 
 LOG_TAIL_LINES = 20
 STOP_GRACE_S = 5.0
@@ -128,24 +124,11 @@ class ProcessServer:
             _kill_group(self.process)
 
     def wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive():
-                tail = self.log_path.read_text(errors="replace").splitlines()[-5:] if self.log_path.exists() else []
-                self.stop()
-                raise StepFailed(
-                    f"inference server exited with code {self.process.returncode} before it was healthy; "
-                    f"last log lines: {' | '.join(tail)}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise StepFailed(f"inference server was not healthy (GET /ping) within {timeout_s:.0f} s")
+        def exited() -> tuple[object, list[str]]:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-5:] if self.log_path.exists() else []
+            return self.process.returncode, tail
+
+        wait_until_pinged(self, timeout_s, "inference server", exited)
 
 
 class ProcessRuntime:
