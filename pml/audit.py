@@ -18,7 +18,7 @@ from pml.store.tables import AuditEntry
 # The FHIR "C/R/U/D/E" action of each command verb (the part after the last dot).
 _FHIR_ACTIONS = {
     "create": "C", "update": "U", "delete": "D", "cancel": "U", "approve": "U", "revoke": "U",
-    "download": "R", "predict": "E", "deploy": "E",
+    "download": "R", "predict": "E", "deploy": "E", "get": "R", "list": "R",
 }
 AUDIT_SYSTEM = "https://pml.dev/fhir/CodeSystem/audit-action"
 OBSERVER = "pml-gateway"
@@ -35,8 +35,11 @@ def record(
     outcome: str,
     interface: str,
 ) -> AuditEntry:
+    """Add one entry. Ids come from the request and may be anything (a refused call's account
+    id is unchecked), so they are cut to their columns' widths: a long one must not turn the
+    command's own error into a failed audit write."""
     entry = AuditEntry(
-        account_id=account_id, actor=actor, action=action, target_type=target_type,
+        account_id=account_id[:64], actor=actor, action=action, target_type=target_type,
         target_id=target_id[:200], outcome=outcome, interface=interface,
     )
     session.add(entry)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 from pml import accounts, audit, models, runs, webhooks
 from pml.app import App
 from pml.errors import PmlError
-from pml.serving.predict import Prediction, artifact_for
+from pml.serving.predict import ModelArtifact, Prediction, artifact_for
 from pml.serving.predict import predict as _predict
 from pml.store.tables import Account, ApiKey, Approval, Model, Run, WebhookSubscription
 
 ADMIN = "admin"
+# The actor of a call refused for its credentials; the key it presented is never logged.
+UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,10 @@ class Caller:
 
     account_id: str
     actor: str
-    """``key:<api key id>`` for an account's key, ``admin`` for the operator's admin key."""
+    """``key:<api key id>`` for an account's key, ``admin`` for the operator's admin key
+    (also the operator at the CLI, which uses the store directly), ``unknown`` when refused."""
     interface: str
-    """``grpc``, ``http`` or ``cli``."""
+    """``grpc``, ``http``, ``cli`` (or ``worker`` for the deployer's own entries)."""
 
     @classmethod
     def for_key(cls, account_id: str, key_id: str, interface: str) -> "Caller":
@@ -64,6 +66,16 @@ def audited(app: App, caller: Caller, action: str, target_type: str, target_id: 
                 session, account_id=caller.account_id, actor=caller.actor, action=action,
                 target_type=target_type, target_id=target.id, outcome=outcome, interface=caller.interface,
             )
+
+
+def record_refusal(app: App, caller: Caller, action: str, target_type: str, target_id: str, error: PmlError) -> None:
+    """Audit a call refused before it ran (no, unknown or non-admin credentials): attempts on
+    the admin calls are what an operator looks for first."""
+    with app.session() as session:
+        audit.record(
+            session, account_id=caller.account_id, actor=caller.actor, action=action,
+            target_type=target_type, target_id=target_id, outcome=error.code, interface=caller.interface,
+        )
 
 
 # ---- accounts (admin) --------------------------------------------------------------------
@@ -144,11 +156,10 @@ def predict(app: App, caller: Caller, model_id: str, *, example_id: str | None =
         return _predict(app, caller.account_id, model_id, example_id=example_id, image=image)
 
 
-def open_artifact(app: App, caller: Caller, model_id: str, run_id: str | None = None) -> tuple[str, int, Path]:
-    """The artifact's sha256, size and file (the run's, or the model champion's)."""
+def open_artifact(app: App, caller: Caller, model_id: str, run_id: str | None = None) -> ModelArtifact:
+    """The run's artifact, or the model champion's."""
     with audited(app, caller, "artifact.download", "run" if run_id else "model", run_id or model_id):
-        sha, size = artifact_for(app, caller.account_id, model_id, run_id)
-        return sha, size, app.blobs(caller.account_id).path(sha)
+        return artifact_for(app, caller.account_id, model_id, run_id)
 
 
 # ---- webhooks ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from pml import audit
 from pml.demo import digits_config
 from pml.demo_data import write_demo_fhir
 from pml.v1 import pml_pb2 as pb
@@ -81,12 +83,60 @@ def test_calls_without_a_valid_key_are_unauthenticated(stack: Stack, small_folde
         other.close()
 
 
-def test_admin_calls_need_the_admin_key(stack: Stack, small_folder: Path) -> None:
+def test_admin_calls_need_the_admin_key_and_refusals_are_audited(stack: Stack, small_folder: Path) -> None:
     client = stack.client()
     client.admin_key = "not-the-admin-key"
     with pytest.raises(grpc.RpcError) as caught:
         client.create_account("someone", {"type": "folder", "path": str(small_folder)})
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    keyless = stack.client()
+    with pytest.raises(grpc.RpcError) as caught:
+        keyless.accounts.ListApiKeys(pb.ListApiKeysRequest(account_id="someone"), metadata=[])
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with stack.app.session() as session:
+        entries = audit.list_entries(session, "someone")
+        got = [(e.actor, e.action, e.target_type, e.target_id, e.outcome, e.interface) for e in entries]
+        presented = [str(audit.to_audit_event(e)) for e in entries]
+    assert got == [
+        ("unknown", "account.create", "account", "someone", "PERMISSION_DENIED", "grpc"),
+        ("unknown", "apikey.list", "account", "someone", "UNAUTHENTICATED", "grpc"),
+    ]
+    assert not any("not-the-admin-key" in text for text in presented), "the presented key is never logged"
+
+
+def test_an_overlong_account_id_is_invalid_not_an_internal_error(stack: Stack, small_folder: Path) -> None:
+    admin = stack.client()
+    with pytest.raises(grpc.RpcError) as caught:
+        admin.create_account("a" * 100, {"type": "folder", "path": str(small_folder)})
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, "the audit entry must fit its columns"
+    assert "accountId" in field_violations(caught.value)
+
+
+def test_bad_page_sizes_and_tokens_name_the_field(stack: Stack, small_folder: Path) -> None:
+    client = stack.new_account(small_folder)
+    token = lambda text: base64.urlsafe_b64encode(text.encode()).decode()  # noqa: E731
+    calls = [
+        (pb.ListModelsRequest(page_size=-1), "page_size"),
+        (pb.ListModelsRequest(page_token="not-a-token!"), "page_token"),
+        (pb.ListModelsRequest(page_token=token("-2")), "page_token"),   # a negative offset
+        (pb.ListModelsRequest(page_token=token("x7")), "page_token"),
+        (pb.ListModelsRequest(page_token=token("2").rstrip("=")), "page_token"),  # not as issued
+    ]
+    for request, field in calls:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.models.ListModels(request, metadata=client.metadata)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+        assert list(field_violations(caught.value)) == [field], request
+    for call, request in (
+        (client.runs.ListRuns, pb.ListRunsRequest(page_size=-5)),
+        (client.audit.ListAuditEntries, pb.ListAuditEntriesRequest(page_token="@@")),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request, metadata=client.metadata)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Zero is the default size, one above the maximum the maximum.
+    assert client.models.ListModels(pb.ListModelsRequest(page_size=0), metadata=client.metadata).models == []
+    assert client.models.ListModels(pb.ListModelsRequest(page_size=10**6), metadata=client.metadata).models == []
 
 
 def test_another_accounts_objects_are_not_found(stack: Stack, small_folder: Path) -> None:

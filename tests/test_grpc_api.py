@@ -96,6 +96,53 @@ def test_models_page_without_gaps_or_repeats(stack: Stack, folder: Path) -> None
     assert code_of(client.models.ListModels, bad, metadata=client.metadata) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def walk(list_call, request_type, field: str, metadata, page_size: int) -> tuple[list[str], int]:  # type: ignore[no-untyped-def]
+    """Every id a List call gives, page by page, and how many pages it took."""
+    seen: list[str] = []
+    token, pages = "", 0
+    while True:
+        page = list_call(request_type(page_size=page_size, page_token=token), metadata=metadata)
+        assert len(getattr(page, field)) <= page_size, "a page never holds more than page_size items"
+        seen += [str(item.id) for item in getattr(page, field)]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            return seen, pages
+
+
+def test_runs_and_audit_entries_page_without_gaps_or_repeats(stack: Stack, folder: Path) -> None:
+    client = stack.new_account(folder)
+    model = client.create_model(digits_config("imgClf"))
+    with stack.app.session() as session:  # runs no worker touches: the list stays as it is
+        made = [runs.create_run(session, client.account, model.id).id for _ in range(5)]
+    seen, pages = walk(client.runs.ListRuns, pb.ListRunsRequest, "runs", client.metadata, 2)
+    assert (seen, pages) == (made, 3), "runs page oldest first, each once"
+
+    for _ in range(4):  # refused commands are audited too: more entries, no side effects
+        code_of(client.models.DeleteModel, pb.DeleteModelRequest(model_id="0" * 32), metadata=client.metadata)
+    everything = client.audit.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=500), metadata=client.metadata)
+    expected = [str(e.id) for e in everything.entries]
+    assert len(expected) == 7 and not everything.next_page_token
+    seen, pages = walk(client.audit.ListAuditEntries, pb.ListAuditEntriesRequest, "entries", client.metadata, 3)
+    assert (seen, pages) == (expected, 3), "audit entries page newest first, each once"
+
+
+def test_cancelling_a_finished_run_is_a_failed_precondition(stack: Stack, folder: Path) -> None:
+    client = stack.new_account(folder)
+    model = client.create_model(digits_config("imgClf"))
+    with stack.app.session() as session:
+        run = runs.create_run(session, client.account, model.id)
+        run.status = "COMPLETED"
+    cancel = pb.CancelRunRequest(run_id=run.id)
+    with pytest.raises(grpc.RpcError) as caught:
+        client.runs.CancelRun(cancel, metadata=client.metadata)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"run {run.id} is COMPLETED" in caught.value.details()
+    assert client.get_run(run.id).state == pb.RUN_STATE_COMPLETED, "a refused cancel changes nothing"
+    newest = client.audit.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=1), metadata=client.metadata).entries[0]
+    assert (newest.action, newest.target_id, newest.outcome) == ("run.cancel", run.id, "FAILED_PRECONDITION")
+
+
 def test_update_keeps_label_ids_and_indexes_and_never_reuses_one(stack: Stack, folder: Path) -> None:
     client = stack.new_account(folder)
     config = digits_config("imgClf")

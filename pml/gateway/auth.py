@@ -8,7 +8,7 @@ import grpc
 
 from pml.accounts import authenticate
 from pml.app import App
-from pml.commands import Caller
+from pml.commands import UNKNOWN, Caller, record_refusal
 from pml.errors import PermissionDenied, Unauthenticated
 
 # `lifeomic-account` is what clients of the public Patient ML Service API send.
@@ -49,7 +49,14 @@ def caller(app: App, context: grpc.ServicerContext) -> Caller:
     return account_caller(app, account, metadata.get("authorization", ""), "grpc")
 
 
-def admin_caller(app: App, context: grpc.ServicerContext, account_id: str) -> Caller:
-    """The operator, acting on ``account_id`` (the account the audit entry belongs to)."""
-    check_admin(app, _metadata(context).get("authorization", ""))
+def admin_caller(app: App, context: grpc.ServicerContext, account_id: str, action: str) -> Caller:
+    """The operator, acting on ``account_id`` (the account the audit entry belongs to).
+
+    A refused attempt is audited as ``action`` on that account, by ``unknown``.
+    """
+    try:
+        check_admin(app, _metadata(context).get("authorization", ""))
+    except (Unauthenticated, PermissionDenied) as exc:
+        record_refusal(app, Caller(account_id, UNKNOWN, "grpc"), action, "account", account_id, exc)
+        raise
     return Caller.admin(account_id, "grpc")

@@ -27,17 +27,34 @@ ARTIFACT_CHUNK = 256 * 1024
 T = TypeVar("T")
 
 
-def _page(items: list[T], page_size: int, page_token: str) -> tuple[list[T], str]:
-    """Offset paging; the token is opaque to clients."""
-    size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+def _token(offset: int) -> str:
+    return base64.urlsafe_b64encode(str(offset).encode()).decode()
+
+
+def _offset(page_token: str) -> int:
+    """The offset a token stands for; only a token this service issued (its exact spelling) is
+    accepted, so garbage or a hand-made negative offset is the client's error, not a page."""
+    if not page_token:
+        return 0
     try:
-        start = int(base64.urlsafe_b64decode(page_token.encode()).decode()) if page_token else 0
-    except ValueError:
-        raise InvalidArgument([("page_token", "not a token this service issued")]) from None
+        text = base64.urlsafe_b64decode(page_token.encode()).decode("ascii")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        text = ""
+    if not text.isdigit() or _token(int(text)) != page_token:
+        raise InvalidArgument([("page_token", "not a token this service issued")])
+    return int(text)
+
+
+def _page(items: list[T], page_size: int, page_token: str) -> tuple[list[T], str]:
+    """Offset paging; the token is opaque to clients. A page_size of 0 is the default, one
+    above the maximum is the maximum (as Google's API design guide asks)."""
+    if page_size < 0:
+        raise InvalidArgument([("page_size", f"must be 0 (the default, {DEFAULT_PAGE}) or more, not {page_size}")])
+    size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+    start = _offset(page_token)
     chunk = items[start : start + size]
     end = start + len(chunk)
-    token = base64.urlsafe_b64encode(str(end).encode()).decode() if end < len(items) else ""
-    return chunk, token
+    return chunk, _token(end) if end < len(items) else ""
 
 
 def _json(field: str, text: str) -> object:
@@ -55,7 +72,7 @@ class AccountService(rpc.AccountServiceServicer):
 
     @grpc_errors
     def CreateAccount(self, request: pb.CreateAccountRequest, context: grpc.ServicerContext) -> pb.Account:
-        who = admin_caller(self.app, context, request.account_id)
+        who = admin_caller(self.app, context, request.account_id, "account.create")
         source = _json("fhir_source_json", request.fhir_source_json or "{}")
         if not isinstance(source, dict):
             raise InvalidArgument([("fhir_source_json", "must be a JSON object")])
@@ -63,26 +80,26 @@ class AccountService(rpc.AccountServiceServicer):
 
     @grpc_errors
     def GetAccount(self, request: pb.GetAccountRequest, context: grpc.ServicerContext) -> pb.Account:
-        admin_caller(self.app, context, request.account_id)
+        admin_caller(self.app, context, request.account_id, "account.get")
         with self.app.session() as session:
             return convert.account(accounts.get_account(session, request.account_id))
 
     @grpc_errors
     def ListAccounts(self, request: pb.ListAccountsRequest, context: grpc.ServicerContext) -> pb.ListAccountsResponse:
-        admin_caller(self.app, context, "")
+        admin_caller(self.app, context, "", "account.list")
         with self.app.session() as session:
             rows, token = _page(accounts.list_accounts(session), request.page_size, request.page_token)
             return pb.ListAccountsResponse(accounts=[convert.account(r) for r in rows], next_page_token=token)
 
     @grpc_errors
     def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: grpc.ServicerContext) -> pb.CreateApiKeyResponse:
-        who = admin_caller(self.app, context, request.account_id)
+        who = admin_caller(self.app, context, request.account_id, "apikey.create")
         key, plaintext = commands.create_api_key(self.app, who, request.name)
         return pb.CreateApiKeyResponse(key_id=key.id, api_key=plaintext)
 
     @grpc_errors
     def ListApiKeys(self, request: pb.ListApiKeysRequest, context: grpc.ServicerContext) -> pb.ListApiKeysResponse:
-        admin_caller(self.app, context, request.account_id)
+        admin_caller(self.app, context, request.account_id, "apikey.list")
         with self.app.session() as session:
             rows, token = _page(accounts.list_api_keys(session, request.account_id), request.page_size,
                                 request.page_token)
@@ -90,7 +107,7 @@ class AccountService(rpc.AccountServiceServicer):
 
     @grpc_errors
     def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: grpc.ServicerContext) -> pb.ApiKey:
-        who = admin_caller(self.app, context, request.account_id)
+        who = admin_caller(self.app, context, request.account_id, "apikey.revoke")
         return convert.api_key(commands.revoke_api_key(self.app, who, request.key_id))
 
 
@@ -256,9 +273,9 @@ class ArtifactService(rpc.ArtifactServiceServicer):
     @grpc_stream_errors
     def DownloadArtifact(self, request: pb.DownloadArtifactRequest, context: grpc.ServicerContext) -> Iterator[pb.ArtifactChunk]:
         who = caller(self.app, context)
-        sha, size, path = commands.open_artifact(self.app, who, request.model_id, request.run_id or None)
-        yield pb.ArtifactChunk(info=pb.ArtifactInfo(sha256=sha, size=size, run_id=request.run_id))
-        with open(path, "rb") as handle:
+        artifact = commands.open_artifact(self.app, who, request.model_id, request.run_id or None)
+        yield pb.ArtifactChunk(info=pb.ArtifactInfo(sha256=artifact.sha256, size=artifact.size, run_id=artifact.run_id))
+        with open(artifact.path, "rb") as handle:
             for chunk in iter(lambda: handle.read(ARTIFACT_CHUNK), b""):
                 yield pb.ArtifactChunk(data=chunk)
 

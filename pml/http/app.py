@@ -227,14 +227,15 @@ def build_app(pml: App) -> FastAPI:
     )
     def model_artifact(who: Who, modelId: str, runId: str) -> StreamingResponse:  # noqa: N803
         """Streamed from the blob store (verified against its hash before the first byte)."""
-        sha, size, path = commands.open_artifact(pml, who, _check_id(modelId, "model"), _check_id(runId, "run"))
+        artifact = commands.open_artifact(pml, who, _check_id(modelId, "model"), _check_id(runId, "run"))
+        sha = artifact.sha256
 
         def chunks() -> Iterator[bytes]:
-            with open(path, "rb") as handle:
+            with open(artifact.path, "rb") as handle:
                 yield from iter(lambda: handle.read(ARTIFACT_CHUNK), b"")
 
         return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
-            "Content-Length": str(size), "X-Content-SHA256": sha, "ETag": f'"{sha}"',
+            "Content-Length": str(artifact.size), "X-Content-SHA256": sha, "ETag": f'"{sha}"',
             "Content-Disposition": f'attachment; filename="model-{runId}.tar.gz"',
         })
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -85,8 +86,19 @@ def predict(
     return Prediction(problem_type=config.problem_definition.problem_type.value, labels=labels, mask_png=mask, raw=raw)
 
 
-def artifact_for(app: App, account_id: str, model_id: str, run_id: str | None = None) -> tuple[str, int]:
-    """The sha256 and size of a run's model artifact (default: the model's champion)."""
+@dataclass(frozen=True)
+class ModelArtifact:
+    """A run's model artifact in the blob store, verified against its sha256."""
+
+    run_id: str
+    """The run it came from: the model's champion when the caller named no run."""
+    sha256: str
+    size: int
+    path: Path
+
+
+def artifact_for(app: App, account_id: str, model_id: str, run_id: str | None = None) -> ModelArtifact:
+    """A run's model artifact (default: the model's champion)."""
     with app.session() as session:
         model = get_model(session, account_id, model_id)
         target = run_id or model.champion_run_id
@@ -99,4 +111,4 @@ def artifact_for(app: App, account_id: str, model_id: str, run_id: str | None = 
             raise FailedPrecondition(f"run {target} has no model artifact yet")
         sha = run.artifact_sha256
     path = app.blobs(account_id).verified_path(sha)
-    return sha, path.stat().st_size
+    return ModelArtifact(run_id=target, sha256=sha, size=path.stat().st_size, path=path)
