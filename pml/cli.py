@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 from pathlib import Path
@@ -13,12 +12,14 @@ from rich.console import Console
 from rich.table import Table
 
 from pml import cli_gateway
+from pml.cli_gateway import Json, print_json
 from pml.settings import Settings
 
 if TYPE_CHECKING:
     import grpc
 
     from pml.app import App
+    from pml.store.tables import Image
 
 app = typer.Typer(no_args_is_help=True, help="pml: patient ML service.")
 images = typer.Typer(no_args_is_help=True, help="The image registry (image URI → local folder or Docker image).")
@@ -46,6 +47,10 @@ def _app() -> "App":
     from pml.app import App
 
     return App(Settings())
+
+
+def _image_json(image: "Image") -> dict[str, str]:
+    return {"uri": image.uri, "kind": image.kind, "path": image.path or ""}
 
 
 @app.command()
@@ -114,6 +119,7 @@ def images_add(
     check: Annotated[bool, typer.Option(
         help="Docker: check that the local engine holds the image (skip when the images live on "
              "other hosts, e.g. Ray GPU nodes).")] = True,
+    as_json: Json = False,
 ) -> None:
     """Register an image URI: a local folder (process runtime) or a Docker image (docker runtime)."""
     from pml.images import DOCKER_SCHEME, add_docker_image, add_image
@@ -135,25 +141,33 @@ def images_add(
         from pml.runtimes.docker import check_image
 
         with _app().session() as session:
-            image = add_docker_image(session, uri, reference, check=check_image if check else None)
-            console.print(f"{image.uri} → docker image {image.path} (docker runtime)")
-        return
-    assert target is not None
-    with _app().session() as session:
-        image = add_image(session, uri, Path(target))
-        console.print(f"{image.uri} → {image.path} ({image.kind} runtime)")
+            shown = _image_json(add_docker_image(session, uri, reference, check=check_image if check else None))
+    else:
+        assert target is not None
+        with _app().session() as session:
+            shown = _image_json(add_image(session, uri, Path(target)))
+    if as_json:
+        print_json(shown)
+    elif shown["kind"] == "docker":
+        console.print(f"{shown['uri']} → docker image {shown['path']} (docker runtime)")
+    else:
+        console.print(f"{shown['uri']} → {shown['path']} ({shown['kind']} runtime)")
 
 
 @images.command("list")
-def images_list() -> None:
+def images_list(as_json: Json = False) -> None:
     from pml.images import list_images
 
+    with _app().session() as session:
+        rows = [_image_json(image) for image in list_images(session)]
+    if as_json:
+        print_json(rows)
+        return
     table = Table("uri", "runtime", "folder or docker image")
     for column in table.columns:
         column.overflow = "fold"
-    with _app().session() as session:
-        for image in list_images(session):
-            table.add_row(image.uri, image.kind, image.path or "")
+    for row in rows:
+        table.add_row(row["uri"], row["kind"], row["path"])
     console.print(table)
 
 
@@ -166,9 +180,10 @@ def accounts_create(
     mode: Annotated[str, typer.Option(help="FHIR server: 'search' or 'bulk' ($export).")] = "search",
     attachment_host: Annotated[Optional[list[str]], typer.Option(help="Host that http(s) attachments may come from (repeat).")] = None,
     name: str = "",
+    as_json: Json = False,
 ) -> None:
-    """Create an account and print its first API key (shown once)."""
-    from pml.accounts import create_account, create_api_key
+    """Create an account and print its first API key (shown once); both are audited (via cli)."""
+    from pml import commands
 
     if (fhir_folder is None) == (fhir_server is None):
         raise typer.BadParameter("give exactly one of --fhir-folder or --fhir-server")
@@ -177,10 +192,14 @@ def accounts_create(
         source.update(type="folder", path=str(fhir_folder.resolve()))
     else:
         source.update(type="server", baseUrl=fhir_server, mode=mode, **({"token": token} if token else {}))
-    with _app().session() as session:
-        create_account(session, account_id, name, source)
-        _, key = create_api_key(session, account_id, "first key")
-    console.print(json.dumps({"accountId": account_id, "apiKey": key}))
+    pml_app = _app()
+    operator = commands.Caller.admin(account_id, "cli")  # whoever may open the store is the operator
+    commands.create_account(pml_app, operator, name, source)
+    key, plaintext = commands.create_api_key(pml_app, operator, "first key")
+    if as_json:
+        print_json({"accountId": account_id, "keyId": key.id, "apiKey": plaintext})
+    else:
+        console.print(f"account [bold]{account_id}[/] created; API key (shown once): {plaintext}", highlight=False)
 
 
 @app.command()

@@ -54,7 +54,7 @@ def _dict(message: Message) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=False)
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
@@ -93,20 +93,20 @@ def _model_table(rows: list[pb.Model]) -> Table:
 def models_create(ctx: typer.Context, config: Path, as_json: Json = False) -> None:
     """Create a model from a JSON config file."""
     model = _remote(ctx).create_model(_config_file(config))
-    _print_json(_dict(model)) if as_json else console.print(f"model [bold]{model.id}[/] created ({model.name})")
+    print_json(_dict(model)) if as_json else console.print(f"model [bold]{model.id}[/] created ({model.name})")
 
 
 @models.command("list")
 def models_list(ctx: typer.Context, as_json: Json = False) -> None:
     rows = _remote(ctx).list_models()
-    _print_json([_dict(m) for m in rows]) if as_json else console.print(_model_table(rows))
+    print_json([_dict(m) for m in rows]) if as_json else console.print(_model_table(rows))
 
 
 @models.command("show")
 def models_show(ctx: typer.Context, model_id: str, as_json: Json = False) -> None:
     model = _remote(ctx).get_model(model_id)
     if as_json:
-        _print_json({**_dict(model), "config": json.loads(model.config_json)})
+        print_json({**_dict(model), "config": json.loads(model.config_json)})
         return
     console.print(_model_table([model]))
     console.print_json(model.config_json)
@@ -116,13 +116,14 @@ def models_show(ctx: typer.Context, model_id: str, as_json: Json = False) -> Non
 def models_update(ctx: typer.Context, model_id: str, config: Path, as_json: Json = False) -> None:
     """Replace a model's config; labels keep their ids and indexes by name."""
     model = _remote(ctx).update_model(model_id, _config_file(config))
-    _print_json(_dict(model)) if as_json else console.print(f"model [bold]{model.id}[/] updated")
+    print_json(_dict(model)) if as_json else console.print(f"model [bold]{model.id}[/] updated")
 
 
 @models.command("delete")
-def models_delete(ctx: typer.Context, model_id: str) -> None:
+def models_delete(ctx: typer.Context, model_id: str, as_json: Json = False) -> None:
+    """Delete a model (refused while a run is active); its runs' history stays."""
     _remote(ctx).delete_model(model_id)
-    console.print(f"model {model_id} deleted")
+    print_json({"modelId": model_id, "deleted": True}) if as_json else console.print(f"model {model_id} deleted")
 
 
 # ---- runs --------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def runs_create(
     client = _remote(ctx)
     run = client.create_run(model_id)
     if as_json and not watch:
-        _print_json(_dict(run))
+        print_json(_dict(run))
         return
     if not as_json:
         console.print(f"run [bold]{run.id}[/] created")
@@ -253,7 +254,7 @@ def runs_list(
     as_json: Json = False,
 ) -> None:
     rows = _remote(ctx).list_runs(model or "")
-    _print_json([_dict(r) for r in rows]) if as_json else console.print(_run_table(rows))
+    print_json([_dict(r) for r in rows]) if as_json else console.print(_run_table(rows))
 
 
 @runs.command("show")
@@ -262,7 +263,7 @@ def runs_show(ctx: typer.Context, run_id: str, as_json: Json = False) -> None:
     run = client.get_run(run_id)
     trials = client.list_trials(run_id)
     if as_json:
-        _print_json({**_dict(run), "trials": [_dict(t) for t in trials]})
+        print_json({**_dict(run), "trials": [_dict(t) for t in trials]})
         return
     console.print(_run_table([run]))
     if run.failure_reason:
@@ -292,15 +293,15 @@ def runs_logs(
 
 
 @runs.command("cancel")
-def runs_cancel(ctx: typer.Context, run_id: str) -> None:
+def runs_cancel(ctx: typer.Context, run_id: str, as_json: Json = False) -> None:
     run = _remote(ctx).cancel_run(run_id)
-    console.print(f"run {run.id} {_state(run)}")
+    print_json(_dict(run)) if as_json else console.print(f"run {run.id} {_state(run)}")
 
 
 def _decide(ctx: typer.Context, run_id: str, approved: bool, description: str, user: str, as_json: bool) -> None:
     approval = _remote(ctx).approve(run_id, description, user, approved=approved)
     if as_json:
-        _print_json(_dict(approval))
+        print_json(_dict(approval))
     else:
         console.print(f"run {run_id} {'approved' if approved else 'rejected'} (approval {approval.id})")
 
@@ -335,7 +336,7 @@ def predict(
     if as_json:
         out = _dict(result)
         out.pop("maskPng", None)
-        _print_json(out)
+        print_json(out)
         return
     table = Table("index", "label", "confidence", title=result.problem_type)
     for p in result.predictions:
@@ -347,10 +348,14 @@ def artifact(
     ctx: typer.Context, model_id: str,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write model.tar.gz.")],
     run: Annotated[str, typer.Option(help="A run's artifact instead of the champion's.")] = "",
+    as_json: Json = False,
 ) -> None:
     """Download a model artifact; its sha256 is checked against the server's."""
-    sha = _remote(ctx).download_artifact(model_id, output, run)
-    console.print(f"{output} sha256 {sha}")
+    info = _remote(ctx).download_artifact(model_id, output, run)
+    if as_json:
+        print_json({**_dict(info), "path": str(output)})
+    else:
+        console.print(f"{output} sha256 {info.sha256} (run {info.run_id})")
 
 
 # ---- keys (admin) and audit --------------------------------------------------------------
@@ -360,14 +365,14 @@ def artifact(
 def keys_create(ctx: typer.Context, account_id: str, name: str = "", as_json: Json = False) -> None:
     """Make a key for an account; it is shown once."""
     key = _remote(ctx).create_api_key(account_id, name)
-    _print_json({"accountId": account_id, "apiKey": key}) if as_json else console.print(f"API key (shown once): {key}")
+    print_json({"accountId": account_id, "apiKey": key}) if as_json else console.print(f"API key (shown once): {key}")
 
 
 @keys.command("list")
 def keys_list(ctx: typer.Context, account_id: str, as_json: Json = False) -> None:
     rows = _remote(ctx).list_api_keys(account_id)
     if as_json:
-        _print_json([_dict(k) for k in rows])
+        print_json([_dict(k) for k in rows])
         return
     table = Table("id", "name", "created", "revoked")
     for key in rows:
@@ -377,9 +382,9 @@ def keys_list(ctx: typer.Context, account_id: str, as_json: Json = False) -> Non
 
 
 @keys.command("revoke")
-def keys_revoke(ctx: typer.Context, account_id: str, key_id: str) -> None:
-    _remote(ctx).revoke_api_key(account_id, key_id)
-    console.print(f"key {key_id} revoked")
+def keys_revoke(ctx: typer.Context, account_id: str, key_id: str, as_json: Json = False) -> None:
+    key = _remote(ctx).revoke_api_key(account_id, key_id)
+    print_json(_dict(key)) if as_json else console.print(f"key {key_id} revoked")
 
 
 @audit.command("list")
@@ -389,7 +394,7 @@ def audit_list(
     """The newest entries of your account's audit log."""
     rows = _remote(ctx).list_audit(limit)
     if as_json:
-        _print_json([_dict(e) for e in rows])
+        print_json([_dict(e) for e in rows])
         return
     table = Table("id", "when", "actor", "action", "target", "outcome", "via")
     for e in rows:
@@ -403,12 +408,16 @@ def audit_export(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the FHIR Bundle (JSON).")],
     after: Annotated[int, typer.Option(help="Only entries after this id.")] = 0,
+    as_json: Json = False,
 ) -> None:
     """Export the audit log as a FHIR Bundle of AuditEvent resources."""
     answer = _remote(ctx).export_audit(after)
     output.write_text(answer.bundle_json)
     count = len(json.loads(answer.bundle_json).get("entry", []))
-    console.print(f"{count} AuditEvents written to {output}; next export: --after {answer.last_id}")
+    if as_json:  # the Bundle is in the file; this says how far it got, for the next --after
+        print_json({"path": str(output), "auditEvents": count, "lastId": answer.last_id})
+    else:
+        console.print(f"{count} AuditEvents written to {output}; next export: --after {answer.last_id}")
 
 
 def register(app: typer.Typer) -> None:

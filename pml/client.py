@@ -195,8 +195,9 @@ class PmlClient:
             request.image = image
         return self.predictions.Predict(request, metadata=self.metadata)
 
-    def download_artifact(self, model_id: str, target: Path, run_id: str = "") -> str:
-        """Write the artifact to ``target``; returns its sha256 after checking it against the server's."""
+    def download_artifact(self, model_id: str, target: Path, run_id: str = "") -> pb.ArtifactInfo:
+        """Write the artifact to ``target``; returns what the server announced (sha256, size, the
+        run it came from) after checking the bytes against the sha256."""
         info = None
         digest = hashlib.sha256()
         with open(target, "wb") as handle:
@@ -210,4 +211,4 @@ class PmlClient:
                     digest.update(chunk.data)
         if info is None or digest.hexdigest() != info.sha256:
             raise ValueError("downloaded artifact does not match the sha256 the server announced")
-        return digest.hexdigest()
+        return info

@@ -187,7 +187,7 @@ def _problem_flow(client: PmlClient, problem_type: str, digits: dict[str, DemoDi
     console.print(f"held-out {holdout['metric']} over {len(test_ids)} test examples: {holdout['value']:.4f}")
 
     target = workdir / f"{model.id}-model.tar.gz"
-    sha = client.download_artifact(model.id, target)
+    sha = client.download_artifact(model.id, target).sha256
     result["artifactSha256"] = sha
     result["artifactMatches"] = sha == finished[0].artifact_sha256
     console.print(f"champion artifact {target.name}: sha256 {sha[:16]}… {'matches' if result['artifactMatches'] else 'DIFFERS'}")

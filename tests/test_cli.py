@@ -97,14 +97,26 @@ def test_show_list_approve_predict_artifact_and_audit(cli_run: dict[str, Any], t
     target = tmp_path / "model.tar.gz"
     out = cli("artifact", model["id"], "-o", str(target)).stdout
     assert hashlib.sha256(target.read_bytes()).hexdigest() in out
+    info = cli.json("artifact", model["id"], "-o", str(target))
+    assert info["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert info["runId"] == run_id, "the champion's artifact names the champion run"
 
-    actions = [(e["action"], e["outcome"], e["interface"]) for e in cli.json("audit", "list")]
+    entries = cli.json("audit", "list")
+    actions = [(e["action"], e["outcome"], e["interface"]) for e in entries]
     for action in ("model.create", "run.create", "run.approve", "model.predict", "artifact.download"):
         assert (action, "ok", "grpc") in actions, action
+    deploys = [e for e in entries if e["action"] == "run.deploy"]
+    assert [(e["targetId"], e["outcome"], e["interface"], e["actor"]) for e in deploys] == [
+        (run_id, "ok", "worker", approval["actor"])
+    ], "the deployment is audited once, for the approver"
     exported = tmp_path / "audit.json"
-    cli("audit", "export", "-o", str(exported))
+    summary = cli.json("audit", "export", "-o", str(exported))
     bundle = Bundle.model_validate_json(exported.read_text())
-    assert {e.resource.code.text for e in bundle.entry} >= {"run.approve", "artifact.download"}
+    assert {e.resource.code.text for e in bundle.entry} >= {"run.approve", "artifact.download", "run.deploy"}
+    assert summary == {"path": str(exported), "auditEvents": len(bundle.entry), "lastId": int(entries[0]["id"])}
+
+    cancel = cli("runs", "cancel", run_id, "--json", ok=False)
+    assert cancel.returncode == 2 and "FAILED_PRECONDITION" in cancel.stdout, "a finished run cannot be cancelled"
 
 
 def test_errors_name_the_code_and_the_field(cli_run: dict[str, Any], tmp_path: Path) -> None:
@@ -126,9 +138,51 @@ def test_keys_are_listed_and_revoked_by_the_operator(cli_run: dict[str, Any]) ->
     keys = cli.json("keys", "list", client.account)
     assert len(keys) == 2 and all("apiKey" not in k for k in keys)
     second = next(k for k in keys if k["name"] == "second")
-    cli("keys", "revoke", client.account, second["id"])
+    revoked_key = cli.json("keys", "revoke", client.account, second["id"])
+    assert revoked_key["id"] == second["id"] and "revokeTime" in revoked_key
     revoked = Cli.__new__(Cli)
     revoked.env = {**cli.env, "PML_API_KEY": made["apiKey"]}
     done = revoked("models", "list", ok=False)
     assert done.returncode == 2 and "UNAUTHENTICATED" in done.stdout
     assert cli("models", "list").returncode == 0, "the first key still works"
+
+
+def test_models_delete_prints_json(cli_run: dict[str, Any]) -> None:
+    cli = cli_run["cli"]
+    model = cli.json("models", "create", str(cli_run["config"]))
+    assert cli.json("models", "delete", model["id"]) == {"modelId": model["id"], "deleted": True}
+    assert model["id"] not in [m["id"] for m in cli.json("models", "list")]
+
+
+def store_cli(stack: Stack) -> Cli:
+    """The operator's commands that open the store directly (accounts, images)."""
+    cli = Cli(stack, "", "")
+    cli.env |= {"PML_HOME": str(stack.home), "PML_DATABASE_URL": stack.app.settings.sqlalchemy_url}
+    return cli
+
+
+def test_accounts_created_at_the_cli_are_audited_and_their_key_works(stack: Stack, tmp_path: Path) -> None:
+    cli = store_cli(stack)
+    made = cli.json("accounts", "create", "cli-made-account", "--fhir-folder", str(tmp_path))
+    assert made["accountId"] == "cli-made-account" and made["apiKey"].startswith("pml_")
+    client = stack.client("cli-made-account", made["apiKey"])
+    assert client.list_models() == [], "the printed key is the account's"
+    entries = client.list_audit(50)
+    got = [(e.action, e.target_id, e.outcome, e.actor, e.interface) for e in reversed(entries)]
+    assert got == [
+        ("account.create", "cli-made-account", "ok", "admin", "cli"),
+        ("apikey.create", made["keyId"], "ok", "admin", "cli"),
+    ]
+    again = cli("accounts", "create", "cli-made-account", "--fhir-folder", str(tmp_path), ok=False)
+    assert again.returncode == 2 and "exists already" in again.stdout
+    assert client.list_audit(1)[0].outcome == "ALREADY_EXISTS", "a refused create is audited too"
+    client.close()
+
+
+def test_images_list_and_add_print_json(stack: Stack, tmp_path: Path) -> None:
+    cli = store_cli(stack)
+    (tmp_path / "serve").write_text("#!/bin/sh\n")
+    added = cli.json("images", "add", "registry.example/cli-json:1", str(tmp_path))
+    assert added == {"uri": "registry.example/cli-json:1", "kind": "process", "path": str(tmp_path.resolve())}
+    listed = cli.json("images", "list")
+    assert added in listed and all(set(i) == {"uri", "kind", "path"} for i in listed)

@@ -150,8 +150,9 @@ def test_predictions_by_id_and_by_bytes_agree_and_are_right(flow: dict[str, Any]
 
 
 def test_artifact_download_matches_the_champion_sha256(flow: dict[str, Any], tmp_path: Path) -> None:
-    sha = flow["client"].download_artifact(flow["model"].id, tmp_path / "model.tar.gz")
-    assert sha == flow["first"].artifact_sha256
+    info = flow["client"].download_artifact(flow["model"].id, tmp_path / "model.tar.gz")
+    assert info.sha256 == flow["first"].artifact_sha256
+    assert info.run_id == flow["first"].id, "the champion's artifact names the champion run"
     assert (tmp_path / "model.tar.gz").stat().st_size > 0
 
 
