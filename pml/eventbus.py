@@ -1,8 +1,10 @@
 """Commit → wake-up: committed events are announced on a Redis stream, or in process.
 
-SQL is the history and the only thing a stream reads. An announcement only says "look now"
-(with ids and the type, so a waiting stream can skip a read its filter cannot match); a lost
-announcement delays a stream by at most its re-check interval, never loses an event.
+SQL is the history and the only thing a stream reads. To pml's own followers an announcement
+only says "look now" (its ids and type let a waiting stream skip a read its filter cannot
+match); a lost announcement delays a stream by at most its re-check interval, never loses an
+event. The Redis stream entries also carry each event's data and time, trimmed to about
+``event_stream_maxlen`` entries, for consumers that read the stream themselves.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class EventBus:
             pipe = self._redis().pipeline(transaction=False)
             for item in items:
                 fields = {"id": item.id, "account": item.account_id, "type": item.type,
-                          "run": item.run_id, "model": item.model_id}
+                          "run": item.run_id, "model": item.model_id, "data": item.data,
+                          "time": item.created_at}
                 pipe.xadd(self.stream_key, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
             pipe.execute()
         except redis.RedisError as exc:

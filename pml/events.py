@@ -15,6 +15,7 @@ transaction that holds it never waits for a row lock afterwards, so it cannot de
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,17 +45,26 @@ _TYPE_FORMAT = re.compile(r"^[a-z][a-z_]*(\.[a-z][a-z_]*)+$")
 
 @dataclass(frozen=True)
 class Announcement:
-    """What is said about a committed event outside SQL (Redis stream, wake-ups): ids only."""
+    """A committed event as told outside SQL (the Redis stream, in-process wake-ups).
+
+    ``data`` is the event's JSON body (ids, counts and metric values, never patient data), so
+    the Redis stream is a complete event feed for consumers of its own; pml's followers use
+    only the ids and read SQL, the history.
+    """
 
     id: int
     account_id: str
     type: str
     run_id: str = ""
     model_id: str = ""
+    data: str = "{}"
+    created_at: str = ""
 
     @classmethod
     def of(cls, row: Event) -> "Announcement":
-        return cls(row.id, row.account_id, row.type, row.run_id or "", row.model_id or "")
+        created = row.created_at.isoformat() if row.created_at is not None else ""
+        return cls(row.id, row.account_id, row.type, row.run_id or "", row.model_id or "",
+                   json.dumps(row.data or {}, sort_keys=True, separators=(",", ":")), created)
 
 
 @dataclass(frozen=True)

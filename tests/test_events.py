@@ -300,3 +300,34 @@ def test_embedded_mode_streams_without_redis(tmp_path: Path) -> None:
     finally:
         server.stop(grace=1)
         app.close()
+
+
+def test_the_redis_stream_carries_every_event_and_stays_bounded(stack: Stack, small_folder: Path) -> None:
+    import redis
+
+    from pml.eventbus import EventBus
+    from pml.events import Announcement
+    from tests.conftest import REDIS_URL
+
+    client = stack.new_account(small_folder)
+    ids = [publish(stack.app, client.account, model_id="m-stream", step=i) for i in range(5)]
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    stream_key = f"{stack.app.settings.redis_namespace}:events"
+    entries = {int(fields["id"]): fields for _, fields in r.xrange(stream_key)}
+    for step, event_id in enumerate(ids):
+        entry = entries[event_id]
+        assert (entry["account"], entry["type"], entry["model"]) == (client.account, "trial.metric", "m-stream")
+        assert json.loads(entry["data"]) == {"step": step}, entry
+        assert entry["time"].startswith("20"), entry
+
+    # Trimmed as it grows: Redis trims whole nodes (100 entries each by default) with MAXLEN ~.
+    key_space = f"{stack.app.settings.redis_namespace}-bounded"
+    bus = EventBus(Settings(redis_url=REDIS_URL, redis_namespace=key_space, event_stream_maxlen=50))
+    try:
+        for start in range(0, 1000, 100):
+            bus.committed([Announcement(i, "acct", "trial.metric") for i in range(start, start + 100)])
+        length = r.xlen(f"{key_space}:events")
+        assert 50 <= length <= 150, f"the stream holds {length} entries for a bound of 50"
+    finally:
+        bus.close()
+        r.delete(f"{key_space}:events")
