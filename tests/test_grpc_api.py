@@ -126,6 +126,15 @@ def test_runs_and_audit_entries_page_without_gaps_or_repeats(stack: Stack, folde
     seen, pages = walk(client.audit.ListAuditEntries, pb.ListAuditEntriesRequest, "entries", client.metadata, 3)
     assert (seen, pages) == (expected, 3), "audit entries page newest first, each once"
 
+    # Entries written between two pages (newest first) must not push old ones onto the next page.
+    first = client.audit.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=3), metadata=client.metadata)
+    for _ in range(2):
+        code_of(client.models.DeleteModel, pb.DeleteModelRequest(model_id="0" * 32), metadata=client.metadata)
+    rest = client.audit.ListAuditEntries(pb.ListAuditEntriesRequest(page_size=500, page_token=first.next_page_token),
+                                         metadata=client.metadata)
+    assert [str(e.id) for e in first.entries] + [str(e.id) for e in rest.entries] == expected, \
+        "a page after new entries repeats or skips none"
+
 
 def test_cancelling_a_finished_run_is_a_failed_precondition(stack: Stack, folder: Path) -> None:
     client = stack.new_account(folder)

@@ -20,7 +20,7 @@ from pml.events import Announcement, EventFilter, check_types, list_events
 from pml.gateway import convert
 from pml.gateway.auth import caller
 from pml.gateway.errors import grpc_errors, grpc_stream_errors
-from pml.gateway.services import _page
+from pml.gateway import paging
 from pml.v1 import pml_pb2 as pb
 from pml.v1 import pml_pb2_grpc as rpc
 
@@ -100,7 +100,7 @@ class WebhookService(rpc.WebhookServiceServicer):
                           context: grpc.ServicerContext) -> pb.ListSubscriptionsResponse:
         who = caller(self.app, context)
         with self.app.session() as session:
-            rows, token = _page(webhooks.list_subscriptions(session, who.account_id), request.page_size,
+            rows, token = paging.page(webhooks.list_subscriptions(session, who.account_id), request.page_size,
                                 request.page_token)
             return pb.ListSubscriptionsResponse(subscriptions=[convert.subscription(r) for r in rows],
                                                 next_page_token=token)
@@ -117,8 +117,8 @@ class WebhookService(rpc.WebhookServiceServicer):
                        context: grpc.ServicerContext) -> pb.ListDeliveriesResponse:
         who = caller(self.app, context)
         with self.app.session() as session:
-            rows, token = _page(
+            rows, token = paging.newest_first_page(
                 webhooks.list_deliveries(session, who.account_id, request.subscription_id, request.state),
-                request.page_size, request.page_token,
+                lambda delivery: delivery.event_id, request.page_size, request.page_token,
             )
             return pb.ListDeliveriesResponse(deliveries=[convert.delivery(r) for r in rows], next_page_token=token)

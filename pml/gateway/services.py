@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import json
-from typing import Iterator, TypeVar
+from typing import Iterator
 
 import grpc
 from google.protobuf import empty_pb2
@@ -13,48 +12,14 @@ from pml import accounts, audit, commands, models, runs, trials
 from pml.app import App
 from pml.curation import get_snapshot
 from pml.errors import InvalidArgument
-from pml.gateway import convert
+from pml.gateway import convert, paging
 from pml.gateway.auth import admin_caller, caller
 from pml.gateway.errors import grpc_errors, grpc_stream_errors
 from pml.tuning.logs import trial_log_lines
 from pml.v1 import pml_pb2 as pb
 from pml.v1 import pml_pb2_grpc as rpc
 
-DEFAULT_PAGE = 50
-MAX_PAGE = 500
 ARTIFACT_CHUNK = 256 * 1024
-
-T = TypeVar("T")
-
-
-def _token(offset: int) -> str:
-    return base64.urlsafe_b64encode(str(offset).encode()).decode()
-
-
-def _offset(page_token: str) -> int:
-    """The offset a token stands for; only a token this service issued (its exact spelling) is
-    accepted, so garbage or a hand-made negative offset is the client's error, not a page."""
-    if not page_token:
-        return 0
-    try:
-        text = base64.urlsafe_b64decode(page_token.encode()).decode("ascii")
-    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-        text = ""
-    if not text.isdigit() or _token(int(text)) != page_token:
-        raise InvalidArgument([("page_token", "not a token this service issued")])
-    return int(text)
-
-
-def _page(items: list[T], page_size: int, page_token: str) -> tuple[list[T], str]:
-    """Offset paging; the token is opaque to clients. A page_size of 0 is the default, one
-    above the maximum is the maximum (as Google's API design guide asks)."""
-    if page_size < 0:
-        raise InvalidArgument([("page_size", f"must be 0 (the default, {DEFAULT_PAGE}) or more, not {page_size}")])
-    size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
-    start = _offset(page_token)
-    chunk = items[start : start + size]
-    end = start + len(chunk)
-    return chunk, _token(end) if end < len(items) else ""
 
 
 def _json(field: str, text: str) -> object:
@@ -88,7 +53,7 @@ class AccountService(rpc.AccountServiceServicer):
     def ListAccounts(self, request: pb.ListAccountsRequest, context: grpc.ServicerContext) -> pb.ListAccountsResponse:
         admin_caller(self.app, context, "", "account.list")
         with self.app.session() as session:
-            rows, token = _page(accounts.list_accounts(session), request.page_size, request.page_token)
+            rows, token = paging.page(accounts.list_accounts(session), request.page_size, request.page_token)
             return pb.ListAccountsResponse(accounts=[convert.account(r) for r in rows], next_page_token=token)
 
     @grpc_errors
@@ -101,7 +66,7 @@ class AccountService(rpc.AccountServiceServicer):
     def ListApiKeys(self, request: pb.ListApiKeysRequest, context: grpc.ServicerContext) -> pb.ListApiKeysResponse:
         admin_caller(self.app, context, request.account_id, "apikey.list")
         with self.app.session() as session:
-            rows, token = _page(accounts.list_api_keys(session, request.account_id), request.page_size,
+            rows, token = paging.page(accounts.list_api_keys(session, request.account_id), request.page_size,
                                 request.page_token)
             return pb.ListApiKeysResponse(api_keys=[convert.api_key(r) for r in rows], next_page_token=token)
 
@@ -130,7 +95,7 @@ class ModelService(rpc.ModelServiceServicer):
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         who = caller(self.app, context)
         with self.app.session() as session:
-            rows, token = _page(models.list_models(session, who.account_id), request.page_size, request.page_token)
+            rows, token = paging.page(models.list_models(session, who.account_id), request.page_size, request.page_token)
             return pb.ListModelsResponse(models=[convert.model(r) for r in rows], next_page_token=token)
 
     @grpc_errors
@@ -167,7 +132,7 @@ class RunService(rpc.RunServiceServicer):
         with self.app.session() as session:
             if request.model_id:
                 models.get_model(session, who.account_id, request.model_id)
-            rows, token = _page(runs.list_runs(session, who.account_id, request.model_id or None), request.page_size,
+            rows, token = paging.page(runs.list_runs(session, who.account_id, request.model_id or None), request.page_size,
                                 request.page_token)
             return pb.ListRunsResponse(runs=[convert.run(r) for r in rows], next_page_token=token)
 
@@ -180,7 +145,7 @@ class RunService(rpc.RunServiceServicer):
     def ListTrials(self, request: pb.ListTrialsRequest, context: grpc.ServicerContext) -> pb.ListTrialsResponse:
         who = caller(self.app, context)
         with self.app.session() as session:
-            rows, token = _page(trials.list_trials(session, who.account_id, request.run_id), request.page_size,
+            rows, token = paging.page(trials.list_trials(session, who.account_id, request.run_id), request.page_size,
                                 request.page_token)
             return pb.ListTrialsResponse(trials=[convert.trial(r) for r in rows], next_page_token=token)
 
@@ -239,7 +204,7 @@ class ApprovalService(rpc.ApprovalServiceServicer):
     def ListApprovals(self, request: pb.ListApprovalsRequest, context: grpc.ServicerContext) -> pb.ListApprovalsResponse:
         who = caller(self.app, context)
         with self.app.session() as session:
-            rows, token = _page(runs.list_approvals(session, who.account_id, request.run_id), request.page_size,
+            rows, token = paging.page(runs.list_approvals(session, who.account_id, request.run_id), request.page_size,
                                 request.page_token)
             return pb.ListApprovalsResponse(approvals=[convert.approval(r) for r in rows], next_page_token=token)
 
@@ -290,8 +255,8 @@ class AuditService(rpc.AuditServiceServicer):
     def ListAuditEntries(self, request: pb.ListAuditEntriesRequest, context: grpc.ServicerContext) -> pb.ListAuditEntriesResponse:
         who = caller(self.app, context)
         with self.app.session() as session:
-            rows, token = _page(audit.list_entries(session, who.account_id, newest_first=True), request.page_size,
-                                request.page_token)
+            rows, token = paging.newest_first_page(audit.list_entries(session, who.account_id, newest_first=True),
+                                             lambda entry: entry.id, request.page_size, request.page_token)
             return pb.ListAuditEntriesResponse(entries=[convert.audit_entry(r) for r in rows], next_page_token=token)
 
     @grpc_errors

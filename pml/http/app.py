@@ -21,7 +21,8 @@ from pml.app import App
 from pml.commands import Caller
 from pml.errors import InvalidArgument, NotFound, Unauthenticated
 from pml.gateway.auth import account_caller
-from pml.gateway.services import _page
+from pml.gateway import paging
+from pml.gateway.paging import DEFAULT_PAGE, MAX_PAGE
 from pml.http import convert, errors
 from pml.http.schemas import (
     ApprovalBody,
@@ -42,8 +43,6 @@ from pml.store.tables import Run
 PREFIX = "/v1/patient-ml"
 OPENAPI_PATH = f"{PREFIX}/openapi.json"
 ARTIFACT_CHUNK = 256 * 1024
-DEFAULT_PAGE = 50
-MAX_PAGE = 500
 
 # Ids pml issues are hex; anything else cannot name an object, so it is simply not found
 # (and odd bytes such as NUL never reach the database).
@@ -101,7 +100,7 @@ def _config_input(data: Any) -> Any:
 
 def _paged(items: list[T], page_size: int, token: str) -> tuple[list[T], str | None]:
     try:
-        chunk, next_token = _page(items, page_size, token)
+        chunk, next_token = paging.page(items, page_size, token)
     except InvalidArgument:
         raise InvalidArgument([("nextPageToken", "not a token this service issued")]) from None
     return chunk, next_token or None
