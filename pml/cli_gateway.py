@@ -191,8 +191,18 @@ class WatchView:
         return Group(*lines)
 
 
+# How long `runs watch` keeps reconnecting to a gateway that went away (a restart, say).
+WATCH_RECONNECT_S = 60.0
+
+
 def watch_run(client: PmlClient, run_id: str, as_json: bool, after_event_id: int = 0) -> pb.Run:
-    """Follow a run until it ends; returns the finished run."""
+    """Follow a run until it ends, reconnecting without loss if the gateway restarts;
+    returns the finished run.
+
+    ``after_event_id`` skips what a script has already seen (``--json`` lines carry ids). The
+    live view always replays the run's whole history, cheap and short, so its trial counts
+    and best objective are right however it was started.
+    """
     run = client.get_run(run_id)
     approach = json.loads(run.config_json or "{}").get("trainingApproach", {})
     view = WatchView(
@@ -200,11 +210,11 @@ def watch_run(client: PmlClient, run_id: str, as_json: bool, after_event_id: int
         maximize=approach.get("objective", {}).get("direction", "maximize").lower() == "maximize",
     )
     if as_json:
-        for event in client.watch_run(run_id, after_event_id):
+        for event in client.watch_run(run_id, after_event_id, reconnect_s=WATCH_RECONNECT_S):
             print(json.dumps(_dict(event) | {"data": json.loads(event.data_json or "{}")}), flush=True)
         return client.get_run(run_id)
     with Live(view.render(), console=console, refresh_per_second=8) as live:
-        for event in client.watch_run(run_id, after_event_id):
+        for event in client.watch_run(run_id, reconnect_s=WATCH_RECONNECT_S):
             view.apply(event)
             live.update(view.render())
     run = client.get_run(run_id)
@@ -241,7 +251,7 @@ def _exit_with_run(run: pb.Run) -> None:
 @runs.command("watch")
 def runs_watch(
     ctx: typer.Context, run_id: str,
-    after: Annotated[int, typer.Option(help="Resume after this event id (from an earlier --json line).")] = 0,
+    after: Annotated[int, typer.Option(help="With --json: resume after this event id (from an earlier line).")] = 0,
     as_json: Json = False,
 ) -> None:
     """Live progress of a run (state, trials done, best objective so far) until it ends."""

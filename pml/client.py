@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -13,6 +14,8 @@ from pml.v1 import pml_pb2 as pb
 from pml.v1 import pml_pb2_grpc as rpc
 
 TERMINAL_STATES = {pb.RUN_STATE_COMPLETED, pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED}
+# Pause between two attempts to reconnect a watch to a gateway that went away.
+RECONNECT_PAUSE_S = 0.5
 T = TypeVar("T")
 
 
@@ -107,18 +110,34 @@ class PmlClient:
             "trials",
         )
 
-    def watch_run(self, run_id: str, after_event_id: int = 0) -> Iterator[pb.Event]:
-        """Events of a run until it reaches a terminal state (replay, then live)."""
-        stream = self.events.WatchRun(pb.WatchRunRequest(run_id=run_id, after_event_id=after_event_id), metadata=self.metadata)
-        try:
-            for event in stream:
-                yield event
-                if event.type == "run.state" and json.loads(event.data_json).get("status") in (
-                    "COMPLETED", "FAILED", "CANCELLED",
-                ):
-                    return
-        finally:
-            stream.cancel()
+    def watch_run(self, run_id: str, after_event_id: int = 0, reconnect_s: float = 0.0) -> Iterator[pb.Event]:
+        """Events of a run until it reaches a terminal state (replay, then live).
+
+        ``reconnect_s``: when the gateway goes away (UNAVAILABLE: restarted, a network blip),
+        keep reconnecting for that long with the last event id received, so the caller gets
+        every event once, as if nothing had happened. 0: the error is raised at once.
+        """
+        last, give_up_at = after_event_id, None
+        while True:
+            stream = self.events.WatchRun(pb.WatchRunRequest(run_id=run_id, after_event_id=last), metadata=self.metadata)
+            try:
+                for event in stream:
+                    last, give_up_at = event.id, None
+                    yield event
+                    if event.type == "run.state" and json.loads(event.data_json).get("status") in (
+                        "COMPLETED", "FAILED", "CANCELLED",
+                    ):
+                        return
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or reconnect_s <= 0:
+                    raise
+                give_up_at = give_up_at or time.monotonic() + reconnect_s
+                if time.monotonic() >= give_up_at:
+                    raise
+                time.sleep(RECONNECT_PAUSE_S)
+            finally:
+                stream.cancel()
 
     def trial_logs(self, trial_id: str, offset: int = 0, follow: bool = False) -> Iterator[pb.LogLine]:
         """A trial's log lines from a byte offset; ``follow`` waits for new lines until it ends."""

@@ -331,3 +331,48 @@ def test_the_redis_stream_carries_every_event_and_stays_bounded(stack: Stack, sm
     finally:
         bus.close()
         r.delete(f"{key_space}:events")
+
+
+def test_a_watch_rides_out_a_gateway_restart_missing_and_repeating_nothing(tmp_path: Path) -> None:
+    """The client's reconnect (what ``pml runs watch`` uses): the gateway stops mid-run, events
+    are published while it is down, it comes back on the same port; the watcher gets each once."""
+    from pml import models, runs
+
+    admin_key = secrets.token_urlsafe(16)
+    app = App(Settings(home=tmp_path / "home", admin_key=admin_key))
+    server, port = build_server(app, "127.0.0.1:0")
+    admin = PmlClient(f"127.0.0.1:{port}", admin_key=admin_key)
+    admin.create_account("restart", {"type": "folder", "path": str(tmp_path)})
+    client = PmlClient(f"127.0.0.1:{port}", account="restart", api_key=admin.create_api_key("restart"))
+    with app.session() as session:
+        model = models.create_model(session, "restart", digits_config("imgClf"))
+        run_id = runs.create_run(session, "restart", model.id).id
+    got: list[pb.Event] = []
+    failure: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            got.extend(client.watch_run(run_id, reconnect_s=30))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failure.append(exc)
+
+    watcher = threading.Thread(target=follow, daemon=True)
+    watcher.start()
+    try:
+        before = [publish(app, "restart", run_id=run_id, step=i) for i in range(3)]
+        wait_for(lambda: before[-1] in [e.id for e in got], STREAM_TIMEOUT_S, "the events before the restart")
+        server.stop(grace=0).wait()
+        while_down = [publish(app, "restart", run_id=run_id, step=10 + i) for i in range(3)]
+        server, _ = build_server(app, f"127.0.0.1:{port}")
+        after = publish(app, "restart", "run.state", run_id=run_id, status="COMPLETED")
+        watcher.join(STREAM_TIMEOUT_S)
+        assert not watcher.is_alive(), "the watch did not end at the terminal state"
+        assert not failure, f"the watch failed: {failure[0]!r}"
+        ids = [e.id for e in got]
+        assert ids == sql_ids(app, "restart", run_id=run_id), "missed or repeated events"
+        assert set(before + while_down + [after]) <= set(ids) and ids[-1] == after
+    finally:
+        admin.close()
+        client.close()
+        server.stop(grace=0)
+        app.close()
