@@ -77,6 +77,14 @@ def serve(
         raise
     console.print(f"pml gateway on {host}:{port}" + (" with in-process workers" if worker else ""))
     console.print(f"pml HTTP API on http://{host}:{http.port}/v1/patient-ml (OpenAPI: /v1/patient-ml/openapi.json)")
+    if worker and pml_app.settings.embedded_broker:
+        # In-memory queues died with the last process; the store says what was in flight.
+        from pml.recovery import resume_unfinished
+
+        resumed = resume_unfinished(pml_app)
+        if resumed.total:
+            console.print(f"picked up unfinished work: {resumed.curate + resumed.tune + resumed.evaluate} run(s), "
+                          f"{resumed.deploy} deployment(s), {resumed.notify} webhook delivery(ies)")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

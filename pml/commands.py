@@ -13,6 +13,7 @@ from typing import Any, Iterator
 from pml import accounts, audit, models, runs, webhooks
 from pml.app import App
 from pml.errors import PmlError
+from pml.serving import deploy
 from pml.serving.predict import ModelArtifact, Prediction, artifact_for
 from pml.serving.predict import predict as _predict
 from pml.store.tables import Account, ApiKey, Approval, Model, Run, WebhookSubscription
@@ -114,8 +115,12 @@ def update_model(app: App, caller: Caller, model_id: str, data: Any) -> Model:
 
 
 def delete_model(app: App, caller: Caller, model_id: str) -> None:
-    with audited(app, caller, "model.delete", "model", model_id), app.session() as session:
-        models.delete_model(session, caller.account_id, model_id)
+    """A deleted model's deployment is stopped with it: nothing can reach it any more."""
+    with audited(app, caller, "model.delete", "model", model_id):
+        with app.session() as session:
+            models.delete_model(session, caller.account_id, model_id)
+            retired = deploy.retire_model_deployments(session, caller.account_id, model_id)
+        deploy.stop_retired(retired)
 
 
 # ---- runs and approvals ------------------------------------------------------------------

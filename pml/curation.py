@@ -29,7 +29,7 @@ from pml.datasets.snapshot import (
     store_manifest,
 )
 from pml.datasets.splits import SplitPolicy
-from pml.errors import NotFound
+from pml.errors import NotFound, require_id
 from pml.fhir.attachments import attachment_bytes
 from pml.fhir.prefilter import LinePrefilter
 from pml.fhir.records import StoredImage, collect_records
@@ -229,6 +229,7 @@ def _snapshot_exists(session: Session, account_id: str, snapshot_id: str) -> boo
 
 
 def get_snapshot(session: Session, account_id: str, snapshot_id: str) -> tuple[Snapshot, list[SnapshotExample]]:
+    require_id("snapshot_id", snapshot_id)
     snapshot = session.scalar(select(Snapshot).where(Snapshot.account_id == account_id, Snapshot.id == snapshot_id))
     if snapshot is None:
         raise NotFound(f"snapshot {snapshot_id} not found")

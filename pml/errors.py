@@ -32,6 +32,12 @@ class InvalidArgument(PmlError):
         super().__init__("; ".join(f"{field}: {reason}" for field, reason in violations))
 
 
+def require_id(field: str, value: str) -> None:
+    """An empty id is a malformed request, not a lookup that found nothing."""
+    if not value:
+        raise InvalidArgument([(field, "required")])
+
+
 class AlreadyExists(PmlError):
     """An object with that id exists already."""
 

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pml import events
-from pml.errors import FailedPrecondition, NotFound
+from pml.errors import FailedPrecondition, NotFound, require_id
 from pml.schemas.config import ModelConfig, assign_labels, parse_model_config
 from pml.store.tables import Model, Run, utcnow
 
@@ -31,6 +31,7 @@ def create_model(session: Session, account_id: str, data: Any) -> Model:
 
 
 def get_model(session: Session, account_id: str, model_id: str, *, for_update: bool = False) -> Model:
+    require_id("model_id", model_id)
     query = select(Model).where(Model.account_id == account_id, Model.id == model_id, Model.deleted_at.is_(None))
     if for_update:
         query = query.with_for_update()

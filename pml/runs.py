@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from pml import events
 from pml.app import App
-from pml.errors import FailedPrecondition, InvalidArgument, NotFound, PmlError
+from pml.errors import FailedPrecondition, InvalidArgument, NotFound, PmlError, require_id
 from pml.models import get_model
 from pml.store.tables import Approval, Run, utcnow
 
@@ -47,6 +47,7 @@ def create_run(session: Session, account_id: str, model_id: str) -> Run:
 
 
 def get_run(session: Session, account_id: str, run_id: str, *, for_update: bool = False) -> Run:
+    require_id("run_id", run_id)
     query = select(Run).where(Run.account_id == account_id, Run.id == run_id)
     if for_update:
         query = query.with_for_update()

@@ -8,13 +8,14 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pml.errors import NotFound
+from pml.errors import NotFound, require_id
 from pml.runs import get_run
 from pml.store.tables import Trial, TrialMetric
 from pml.tuning.metrics import MetricPoint
 
 
 def get_trial(session: Session, account_id: str, trial_id: str) -> Trial:
+    require_id("trial_id", trial_id)
     row = session.scalar(select(Trial).where(Trial.account_id == account_id, Trial.id == trial_id))
     if row is None:
         raise NotFound(f"trial {trial_id} not found")

@@ -22,7 +22,7 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pml.errors import InvalidArgument, NotFound
+from pml.errors import InvalidArgument, NotFound, require_id
 from pml.events import check_types
 from pml.settings import Settings
 from pml.store.tables import Event, WebhookDelivery, WebhookSubscription, utcnow
@@ -79,6 +79,7 @@ def create_subscription(session: Session, account_id: str, url: str,
 
 
 def get_subscription(session: Session, account_id: str, subscription_id: str) -> WebhookSubscription:
+    require_id("subscription_id", subscription_id)
     row = session.scalar(select(WebhookSubscription).where(
         WebhookSubscription.account_id == account_id, WebhookSubscription.id == subscription_id))
     if row is None:

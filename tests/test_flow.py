@@ -206,3 +206,41 @@ def test_a_trial_shows_its_metric_series_and_streams_its_log(flow: dict[str, Any
         with pytest.raises(grpc.RpcError) as caught:
             call()
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_deleting_the_model_stops_its_deployment(flow: dict[str, Any], stack: Stack) -> None:
+    """Last in this file: it deletes the flow's model. The server's process group is gone, and
+    the deployment and the run say so."""
+    import os
+
+    from sqlalchemy import select
+
+    from pml.store.tables import Deployment
+
+    client, model, first = flow["client"], flow["model"], flow["first"]
+
+    def group_gone() -> bool:
+        """No live process in the group (a killed child stays a zombie until its worker reaps it)."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pid and fields[0] != "Z":
+                return False
+        return True
+
+    with stack.app.session() as session:
+        (serving,) = session.scalars(select(Deployment).where(
+            Deployment.account_id == client.account, Deployment.model_id == model.id, Deployment.status == "SERVING"))
+        deployment_id, pid = serving.id, serving.pid
+    assert pid, "a process deployment records its process group"
+    os.killpg(pid, 0)  # alive before
+    assert not group_gone()
+
+    client.models.DeleteModel(pb.DeleteModelRequest(model_id=model.id), metadata=client.metadata)
+
+    wait_for(group_gone, 30, "the deleted model's inference server to stop")
+    with stack.app.session() as session:
+        assert session.get(Deployment, deployment_id).status == "STOPPED"
+    assert client.get_run(first.id).deploy_status == "STOPPED"

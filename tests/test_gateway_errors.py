@@ -59,6 +59,28 @@ def test_config_json_that_does_not_parse_names_the_field(stack: Stack, small_fol
         client.models.CreateModel(pb.CreateModelRequest(config_json="{nope"), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "config_json" in field_violations(caught.value)
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(grpc.RpcError) as caught:
+        client.models.CreateModel(pb.CreateModelRequest(config_json=deep), metadata=client.metadata)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == {"config_json": "JSON nested too deeply"}
+
+
+def test_an_empty_id_is_invalid_not_a_lookup(stack: Stack, small_folder: Path) -> None:
+    client = stack.new_account(small_folder)
+    for field, call in (
+        ("model_id", lambda: client.models.GetModel(pb.GetModelRequest(model_id=""), metadata=client.metadata)),
+        ("run_id", lambda: client.get_run("")),
+        ("run_id", lambda: list(client.events.WatchRun(pb.WatchRunRequest(run_id=""), metadata=client.metadata))),
+        ("trial_id", lambda: client.runs.GetTrial(pb.GetTrialRequest(trial_id=""), metadata=client.metadata)),
+        ("model_id", lambda: client.create_run("")),
+        ("after_event_id", lambda: list(client.events.WatchEvents(pb.WatchEventsRequest(after_event_id=-5),
+                                                                  metadata=client.metadata))),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert list(field_violations(caught.value)) == [field]
 
 
 def test_unresolvable_image_fails_the_run_with_that_reason(stack: Stack, small_folder: Path) -> None:

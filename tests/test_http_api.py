@@ -243,8 +243,12 @@ def test_bad_configs_are_400_with_field_violations_and_nothing_saved(stack: Stac
 
     nul = labelled_config(["a", "b"], name="bad\x00name")
     assert error(account.http.post("/models", json=nul), 400, "INVALID_ARGUMENT")["fieldViolations"][0]["field"] == "name"
-    not_json = account.http.post("/models", content=b"{nope", headers={"Content-Type": "application/json"})
-    assert error(not_json, 400, "INVALID_ARGUMENT")["fieldViolations"]
+    not_json = account.http.post("/models", content=b'{"name":', headers={"Content-Type": "application/json"})
+    (violation,) = error(not_json, 400, "INVALID_ARGUMENT")["fieldViolations"]
+    assert violation["field"] == "(body)" and violation["description"].startswith("not valid JSON at character 8"), violation
+    untyped = account.http.post("/models", content=json.dumps(config).encode(), headers={"Content-Type": "text/plain"})
+    (violation,) = error(untyped, 400, "INVALID_ARGUMENT")["fieldViolations"]
+    assert "Content-Type: application/json" in violation["description"], violation
     assert error(account.http.post("/models", json=[1, 2]), 400, "INVALID_ARGUMENT")["fieldViolations"][0]["field"] == "(config)"
     assert ok(account.http.get("/models")) == {"items": []}, "a rejected config must not be saved"
 

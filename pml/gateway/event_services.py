@@ -56,6 +56,8 @@ class EventService(rpc.EventServiceServicer):
 
     def _follow(self, account_id: str, where: EventFilter, after: int,
                 context: grpc.ServicerContext) -> Iterator[pb.Event]:
+        if after < 0:
+            raise InvalidArgument([("after_event_id", "must be 0 (from the start) or an event id")])
         hub = self.app.eventbus.follow()
         context.add_callback(hub.kick)  # a client that goes away stops its wait at once
         recheck_s = self.app.settings.event_recheck_s

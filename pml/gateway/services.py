@@ -27,6 +27,8 @@ def _json(field: str, text: str) -> object:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgument([(field, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) from None
+    except RecursionError:
+        raise InvalidArgument([(field, "JSON nested too deeply")]) from None
 
 
 class AccountService(rpc.AccountServiceServicer):

@@ -92,6 +92,8 @@ def _no_nul(data: Any, path: str = "") -> None:
 
 
 def _config_input(data: Any) -> Any:
+    if isinstance(data, bytes):  # FastAPI hands over the raw body when it is not sent as JSON
+        raise InvalidArgument([("(body)", "send the config as a JSON object with Content-Type: application/json")])
     _no_nul(data)
     if isinstance(data, dict):
         return {k: v for k, v in data.items() if k not in _READ_ONLY}

@@ -28,6 +28,7 @@ STATUS: dict[str, RunStatus] = {
 DEPLOY_STATUS = {
     None: "notDeployed", "NOT_DEPLOYED": "notDeployed", "PENDING": "pending", "DEPLOYING": "deploying",
     "DEPLOYED": "deployed", "FAILED": "failed", "SUPERSEDED": "superseded",
+    "STOPPED": "stopped",
 }
 
 

@@ -64,6 +64,17 @@ def _field(loc: tuple[Any, ...]) -> str:
     return path or "(body)"
 
 
+def _violation(error: dict[str, Any]) -> tuple[str, str]:
+    """One FastAPI/pydantic error as (field, reason); a body that does not parse is the body's fault
+    (FastAPI puts the character offset where a field would be)."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid":
+        where = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+        reason = (error.get("ctx") or {}).get("error", "")
+        return "(body)", f"not valid JSON{where}" + (f": {reason}" if reason else "")
+    return _field(loc), str(error.get("msg", "invalid"))
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that give every error the ErrorBody shape."""
 
@@ -73,7 +84,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        violations = [(_field(tuple(e.get("loc", ()))), str(e.get("msg", "invalid"))) for e in exc.errors()]
+        violations = [_violation(e) for e in exc.errors()]
         return pml_error(InvalidArgument(violations))
 
     @app.exception_handler(StarletteHTTPException)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from pml import audit, events
 from pml.app import App
 from pml.artifacts import unpack_model
-from pml.errors import PmlError
+from pml.errors import NotFound, PmlError
 from pml.images import resolve_image
 from pml.models import get_model
 from pml.runs import get_run
@@ -60,11 +60,44 @@ def _audit_deploy(session: Session, account_id: str, run_id: str, outcome: str) 
     )
 
 
+def _model_exists(session: Session, account_id: str, model_id: str) -> bool:
+    try:
+        get_model(session, account_id, model_id)
+    except NotFound:
+        return False
+    return True
+
+
+def retire_model_deployments(session: Session, account_id: str, model_id: str) -> list[tuple[str, int | None, str | None]]:
+    """Mark a deleted model's serving deployments stopped (in the caller's transaction);
+    returns what :func:`stop_retired` must stop once that has committed."""
+    rows = list(session.scalars(select(Deployment).where(
+        Deployment.account_id == account_id, Deployment.model_id == model_id,
+        Deployment.status == "SERVING",
+    )))
+    for row in rows:
+        row.status, row.updated_at = "STOPPED", utcnow()
+        run = get_run(session, account_id, row.run_id)
+        run.deploy_status = "STOPPED"
+        events.publish(session, account_id, "deployment.stopped", run_id=row.run_id, model_id=model_id,
+                       data={"deploymentId": row.id, "reason": "model deleted"})
+    return [(row.id, row.pid, row.endpoint) for row in rows]
+
+
+def stop_retired(stopped: list[tuple[str, int | None, str | None]]) -> None:
+    for deployment_id, pid, endpoint in stopped:
+        _stop(deployment_id, pid, endpoint)
+
+
 def deploy_run(app: App, account_id: str, run_id: str) -> None:
     """Deploy an approved run's model if it is still the champion; idempotent."""
     with app.session() as session:
         run = get_run(session, account_id, run_id)
-        model = get_model(session, account_id, run.model_id)
+        try:
+            model = get_model(session, account_id, run.model_id)
+        except NotFound:
+            log.info("run %s: its model was deleted before the deployment; nothing to deploy", run_id)
+            return
         if model.champion_run_id != run.id:
             if run.deploy_status != "SUPERSEDED":
                 events.publish(session, account_id, "deployment.superseded", run_id=run_id, model_id=model.id,
@@ -114,6 +147,19 @@ def deploy_run(app: App, account_id: str, run_id: str) -> None:
             _audit_deploy(session, account_id, run_id, "INTERNAL")
         raise
     _servers[deployment_id] = server
+    with app.session() as session:
+        if not _model_exists(session, account_id, model_id):  # deleted while the server started
+            row = session.get(Deployment, deployment_id)
+            assert row is not None
+            row.status, row.updated_at = "STOPPED", utcnow()
+            get_run(session, account_id, run_id).deploy_status = "STOPPED"
+            _audit_deploy(session, account_id, run_id, "FAILED_PRECONDITION")
+            stopped_new = True
+        else:
+            stopped_new = False
+    if stopped_new:
+        _stop(deployment_id, server.pid, server.endpoint)
+        return
     with app.session() as session:
         old = list(
             session.scalars(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pml.app import App
-from pml.errors import NotFound
+from pml.errors import NotFound, require_id
 from pml.store.tables import Trial
 
 LOG_FILE = Path("logs") / "train.log"
@@ -29,6 +29,7 @@ class LogLine:
 
 
 def _trial(app: App, account_id: str, trial_id: str) -> tuple[Path, bool]:
+    require_id("trial_id", trial_id)
     with app.session() as session:
         row = session.get(Trial, trial_id)
         if row is None or row.account_id != account_id:
