@@ -241,7 +241,7 @@ def main() -> None:
 
     try:
         app()
-    except (PmlError, PortInUse) as exc:
+    except (PmlError, PortInUse, cli_gateway.UnusableFile) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         raise SystemExit(2) from None
     except grpc.RpcError as exc:

@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from pml.client import PmlClient
+from pml.client import PmlClient, retrying
 from pml.v1 import pml_pb2 as pb
 
 console = Console()
@@ -66,14 +66,52 @@ def _fmt(metrics: Any) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in sorted(dict(metrics).items()))
 
 
+class UnusableFile(Exception):
+    """A file named on the command line cannot be read or written; ``pml`` prints
+    ``error: <path>: <reason>`` and exits 2 instead of a traceback."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+    @classmethod
+    def from_os_error(cls, path: Path, exc: OSError) -> "UnusableFile":
+        """The reason without Python's ``[Errno 2]`` prefix or the repeated path."""
+        return cls(path, exc.strerror or type(exc).__name__)
+
+
 def _config_file(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise typer.BadParameter(f"{path}: {exc}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UnusableFile.from_os_error(path, exc) from None
+    except UnicodeDecodeError as exc:
+        raise UnusableFile(path, f"not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise UnusableFile(path, f"not JSON: {exc}") from None
+    except RecursionError:
+        # Python's json parser recurses once per nesting level; no model config nests this deep.
+        raise UnusableFile(path, "JSON nested too deeply") from None
     if not isinstance(data, dict):
-        raise typer.BadParameter(f"{path}: a model config is a JSON object")
+        raise UnusableFile(path, "a model config is a JSON object")
     return data
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A file the user named (``--image``), its OS error turned into an :class:`UnusableFile`."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UnusableFile.from_os_error(path, exc) from None
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    """Write where the user asked (``--mask``, ``-o``); an OS error becomes an :class:`UnusableFile`."""
+    try:
+        path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    except OSError as exc:
+        raise UnusableFile.from_os_error(path, exc) from None
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -203,7 +241,9 @@ def watch_run(client: PmlClient, run_id: str, as_json: bool, after_event_id: int
     live view always replays the run's whole history, cheap and short, so its trial counts
     and best objective are right however it was started.
     """
-    run = client.get_run(run_id)
+    # The stream rides out a gateway restart; so must the calls around it, or a watch that
+    # followed the run to its end would still fail on the last one.
+    run = retrying(lambda: client.get_run(run_id), WATCH_RECONNECT_S)
     approach = json.loads(run.config_json or "{}").get("trainingApproach", {})
     view = WatchView(
         run_id=run_id, max_trials=int(approach.get("maxTrials", 0)),
@@ -212,12 +252,18 @@ def watch_run(client: PmlClient, run_id: str, as_json: bool, after_event_id: int
     if as_json:
         for event in client.watch_run(run_id, after_event_id, reconnect_s=WATCH_RECONNECT_S):
             print(json.dumps(_dict(event) | {"data": json.loads(event.data_json or "{}")}), flush=True)
-        return client.get_run(run_id)
-    with Live(view.render(), console=console, refresh_per_second=8) as live:
-        for event in client.watch_run(run_id, reconnect_s=WATCH_RECONNECT_S):
-            view.apply(event)
-            live.update(view.render())
-    run = client.get_run(run_id)
+        return retrying(lambda: client.get_run(run_id), WATCH_RECONNECT_S)
+    try:
+        with Live(view.render(), console=console, refresh_per_second=8) as live:
+            for event in client.watch_run(run_id, reconnect_s=WATCH_RECONNECT_S):
+                view.apply(event)
+                live.update(view.render())
+    finally:
+        # Off a terminal, rich leaves the last rendering without its newline; what comes next
+        # (the metrics, an error line) would be glued to it.
+        if not console.is_terminal:
+            console.line()
+    run = retrying(lambda: client.get_run(run_id), WATCH_RECONNECT_S)
     if run.challenger_metrics:
         console.print(f"challenger: {_fmt(run.challenger_metrics)}")
     if run.has_champion_metrics:
@@ -340,9 +386,9 @@ def predict(
     """Predict with the model's deployed champion."""
     if (example_id is None) == (image is None):
         raise typer.BadParameter("give exactly one of --example-id or --image")
-    result = _remote(ctx).predict(model_id, example_id=example_id, image=image.read_bytes() if image else None)
+    result = _remote(ctx).predict(model_id, example_id=example_id, image=_read_bytes(image) if image else None)
     if mask is not None and result.mask_png:
-        mask.write_bytes(result.mask_png)
+        _write(mask, result.mask_png)
     if as_json:
         out = _dict(result)
         out.pop("maskPng", None)
@@ -361,7 +407,10 @@ def artifact(
     as_json: Json = False,
 ) -> None:
     """Download a model artifact; its sha256 is checked against the server's."""
-    info = _remote(ctx).download_artifact(model_id, output, run)
+    try:
+        info = _remote(ctx).download_artifact(model_id, output, run)
+    except OSError as exc:
+        raise UnusableFile.from_os_error(output, exc) from None
     if as_json:
         print_json({**_dict(info), "path": str(output)})
     else:
@@ -374,8 +423,11 @@ def artifact(
 @keys.command("create")
 def keys_create(ctx: typer.Context, account_id: str, name: str = "", as_json: Json = False) -> None:
     """Make a key for an account; it is shown once."""
-    key = _remote(ctx).create_api_key(account_id, name)
-    print_json({"accountId": account_id, "apiKey": key}) if as_json else console.print(f"API key (shown once): {key}")
+    made = _remote(ctx).new_api_key(account_id, name)
+    if as_json:
+        print_json({"accountId": account_id, "keyId": made.key_id, "apiKey": made.api_key})
+    else:
+        console.print(f"key {made.key_id} created; API key (shown once): {made.api_key}", highlight=False)
 
 
 @keys.command("list")
@@ -422,7 +474,7 @@ def audit_export(
 ) -> None:
     """Export the audit log as a FHIR Bundle of AuditEvent resources."""
     answer = _remote(ctx).export_audit(after)
-    output.write_text(answer.bundle_json)
+    _write(output, answer.bundle_json)
     count = len(json.loads(answer.bundle_json).get("entry", []))
     if as_json:  # the Bundle is in the file; this says how far it got, for the next --after
         print_json({"path": str(output), "auditEvents": count, "lastId": answer.last_id})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -29,6 +31,20 @@ def all_pages(fetch: Callable[[str], Any], field: str) -> list[Any]:
         token = page.next_page_token
         if not token:
             return items
+
+
+def retrying(call: Callable[[], T], for_s: float) -> T:
+    """``call()``, called again while the gateway is away (UNAVAILABLE: a restart, a network
+    blip) for up to ``for_s`` seconds, so a caller that rides out a restart in a stream does
+    not fail on the plain call next to it. Any other error is raised at once."""
+    give_up_at = time.monotonic() + for_s
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up_at:
+                raise
+        time.sleep(RECONNECT_PAUSE_S)
 
 
 class PmlClient:
@@ -65,11 +81,15 @@ class PmlClient:
         request = pb.CreateAccountRequest(account_id=account_id, name=name, fhir_source_json=json.dumps(fhir_source))
         return self.accounts.CreateAccount(request, metadata=self.admin_metadata)
 
-    def create_api_key(self, account_id: str, name: str = "") -> str:
-        response = self.accounts.CreateApiKey(
+    def new_api_key(self, account_id: str, name: str = "") -> pb.CreateApiKeyResponse:
+        """A new key for the account: its id (to list or revoke it) and the key, shown once."""
+        return self.accounts.CreateApiKey(
             pb.CreateApiKeyRequest(account_id=account_id, name=name), metadata=self.admin_metadata
         )
-        return response.api_key
+
+    def create_api_key(self, account_id: str, name: str = "") -> str:
+        """Just the new key, for callers that only authenticate with it."""
+        return self.new_api_key(account_id, name).api_key
 
     def create_model(self, config: dict[str, Any]) -> pb.Model:
         return self.models.CreateModel(pb.CreateModelRequest(config_json=json.dumps(config)), metadata=self.metadata)
@@ -216,18 +236,30 @@ class PmlClient:
 
     def download_artifact(self, model_id: str, target: Path, run_id: str = "") -> pb.ArtifactInfo:
         """Write the artifact to ``target``; returns what the server announced (sha256, size, the
-        run it came from) after checking the bytes against the sha256."""
+        run it came from) after checking the bytes against the sha256.
+
+        The bytes go to a temporary file next to ``target`` that is renamed into place only once
+        the sha256 matched, so a failed download (an RPC error, a mismatch, Ctrl-C) leaves no
+        partial file behind and never replaces a file already at ``target``.
+        """
+        partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
         info = None
         digest = hashlib.sha256()
-        with open(target, "wb") as handle:
-            for chunk in self.artifacts.DownloadArtifact(
-                pb.DownloadArtifactRequest(model_id=model_id, run_id=run_id), metadata=self.metadata
-            ):
-                if chunk.HasField("info"):
-                    info = chunk.info
-                else:
-                    handle.write(chunk.data)
-                    digest.update(chunk.data)
-        if info is None or digest.hexdigest() != info.sha256:
-            raise ValueError("downloaded artifact does not match the sha256 the server announced")
+        handle = open(partial, "xb")  # "x": never someone else's file, so ours alone is removed
+        try:
+            with handle:
+                for chunk in self.artifacts.DownloadArtifact(
+                    pb.DownloadArtifactRequest(model_id=model_id, run_id=run_id), metadata=self.metadata
+                ):
+                    if chunk.HasField("info"):
+                        info = chunk.info
+                    else:
+                        handle.write(chunk.data)
+                        digest.update(chunk.data)
+            if info is None or digest.hexdigest() != info.sha256:
+                raise ValueError("downloaded artifact does not match the sha256 the server announced")
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         return info

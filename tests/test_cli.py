@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, cast
 
+import grpc
 import pytest
 from fhir.resources.bundle import Bundle
+from rich.console import Console
 
+from pml import cli_gateway, client as client_module
+from pml.client import PmlClient
 from pml.demo import digits_config
 from pml.demo_data import classification_example_id, write_demo_fhir
 from pml.v1 import pml_pb2 as pb
+from pml.gateway.server import build_server
 from tests.conftest import ROOT, Stack, wait_for
 
 
@@ -145,6 +153,11 @@ def test_keys_are_listed_and_revoked_by_the_operator(cli_run: dict[str, Any]) ->
     done = revoked("models", "list", ok=False)
     assert done.returncode == 2 and "UNAUTHENTICATED" in done.stdout
     assert cli("models", "list").returncode == 0, "the first key still works"
+    assert made["keyId"] == second["id"], "--json names the key's id, to list or revoke it by"
+
+    shown = cli("keys", "create", client.account, "--name", "third").stdout
+    third = next(k for k in cli.json("keys", "list", client.account) if k["name"] == "third")
+    assert third["id"] in shown and "shown once" in shown, shown
 
 
 def test_models_delete_prints_json(cli_run: dict[str, Any]) -> None:
@@ -186,3 +199,179 @@ def test_images_list_and_add_print_json(stack: Stack, tmp_path: Path) -> None:
     assert added == {"uri": "registry.example/cli-json:1", "kind": "process", "path": str(tmp_path.resolve())}
     listed = cli.json("images", "list")
     assert added in listed and all(set(i) == {"uri", "kind", "path"} for i in listed)
+
+
+# ---- ordinary failures: clear errors, no tracebacks, no partial files ---------------------
+
+
+def assert_file_error(done: subprocess.CompletedProcess[str], path: Path, reason: str) -> None:
+    assert done.returncode == 2, f"exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"error: {path}: {reason}" in done.stdout, done.stdout
+
+
+def test_unreadable_files_are_clear_errors(cli_run: dict[str, Any], tmp_path: Path) -> None:
+    cli, model = cli_run["cli"], cli_run["model"]
+    not_utf8 = tmp_path / "latin1.json"
+    not_utf8.write_bytes(b'{"name": "caf\xe9"}')
+    assert_file_error(cli("models", "create", str(not_utf8), ok=False), not_utf8, "not UTF-8 text")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    assert_file_error(cli("models", "create", str(deep), ok=False), deep, "JSON nested too deeply")
+    missing = tmp_path / "missing.json"
+    assert_file_error(cli("models", "update", model["id"], str(missing), ok=False), missing, "No such file")
+
+    image = tmp_path / "nonexistent.png"
+    assert_file_error(cli("predict", model["id"], "--image", str(image), ok=False), image, "No such file")
+    archive = tmp_path / "no" / "dir" / "a.tgz"
+    assert_file_error(cli("artifact", model["id"], "-o", str(archive), ok=False), archive, "No such file")
+    bundle = tmp_path / "no" / "x.json"
+    assert_file_error(cli("audit", "export", "-o", str(bundle), ok=False), bundle, "No such file")
+
+
+def test_a_failed_download_leaves_no_file_and_keeps_the_old_one(cli_run: dict[str, Any], tmp_path: Path) -> None:
+    cli = cli_run["cli"]
+    target = tmp_path / "x.tgz"
+    done = cli("artifact", "0" * 32, "-o", str(target), ok=False)
+    assert done.returncode == 2 and "NOT_FOUND" in done.stdout, done.stdout
+    assert list(tmp_path.iterdir()) == [], "a failed download leaves nothing behind"
+
+    target.write_bytes(b"the artifact downloaded yesterday")
+    cli("artifact", "0" * 32, "-o", str(target), ok=False)
+    assert target.read_bytes() == b"the artifact downloaded yesterday", "a failed download clobbered the file"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+class FakeArtifacts:
+    """An ArtifactService stub whose bytes do not match the sha256 it announces."""
+
+    def DownloadArtifact(self, request: pb.DownloadArtifactRequest, metadata: Any) -> Iterator[pb.ArtifactChunk]:
+        yield pb.ArtifactChunk(info=pb.ArtifactInfo(sha256="0" * 64, run_id="r"))
+        yield pb.ArtifactChunk(data=b"not what was announced")
+
+
+def test_a_download_that_fails_its_sha256_leaves_no_file(tmp_path: Path) -> None:
+    client = PmlClient("127.0.0.1:1")
+    client.artifacts = FakeArtifacts()  # type: ignore[assignment]
+    target = tmp_path / "model.tar.gz"
+    target.write_bytes(b"old")
+    with pytest.raises(ValueError, match="sha256"):
+        client.download_artifact("m", target)
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+    client.close()
+
+
+# ---- runs watch through a gateway restart, and its output off a terminal -------------------
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode):
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return f"fake {self._code.name}"
+
+
+class FlakyGateway:
+    """A client whose GetRun answers UNAVAILABLE ``outages`` times before each success (a
+    gateway restarting around the stream), and whose stream ends with ``stream_error``, if any."""
+
+    def __init__(self, state: int, outages: int = 0, stream_error: grpc.StatusCode | None = None):
+        self.run = pb.Run(id="r1", state=state, config_json=json.dumps({"trainingApproach": {"maxTrials": 1}}))
+        self.outages = outages
+        self.stream_error = stream_error
+        self.failures = 0
+        self.answers = 0
+
+    def get_run(self, run_id: str) -> pb.Run:
+        if self.failures < self.outages * (self.answers + 1):
+            self.failures += 1
+            raise FakeRpcError(grpc.StatusCode.UNAVAILABLE)
+        self.answers += 1
+        return self.run
+
+    def watch_run(self, run_id: str, after_event_id: int = 0, reconnect_s: float = 0.0) -> Iterator[pb.Event]:
+        yield pb.Event(id=1, type="run.state", run_id=run_id, data_json=json.dumps({"status": "RUNNING"}))
+        if self.stream_error is not None:
+            raise FakeRpcError(self.stream_error)
+        status = pb.RunState.Name(self.run.state).removeprefix("RUN_STATE_")
+        yield pb.Event(id=2, type="run.state", run_id=run_id, data_json=json.dumps({"status": status}))
+
+
+@pytest.fixture
+def quick_reconnect(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """Reconnect pauses of 10 ms, and the CLI's console writing to a buffer (not a terminal)."""
+    monkeypatch.setattr(client_module, "RECONNECT_PAUSE_S", 0.01)
+    shown = io.StringIO()
+    monkeypatch.setattr(cli_gateway, "console", Console(file=shown, width=200))
+    return shown
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_watch_rides_out_a_restart_around_the_stream(quick_reconnect: io.StringIO, as_json: bool) -> None:
+    gateway = FlakyGateway(pb.RUN_STATE_COMPLETED, outages=3)
+    run = cli_gateway.watch_run(cast(PmlClient, gateway), "r1", as_json)
+    assert run.state == pb.RUN_STATE_COMPLETED
+    assert (gateway.answers, gateway.failures) == (2, 6), "the first and the last GetRun both retried"
+
+
+def test_watch_gives_up_on_a_gateway_that_stays_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module, "RECONNECT_PAUSE_S", 0.01)
+    gone = FlakyGateway(pb.RUN_STATE_COMPLETED, outages=10**9)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError):
+        client_module.retrying(lambda: gone.get_run("r1"), 0.2)
+    assert time.monotonic() - started < 5, "retried past its time"
+    calls: list[int] = []
+
+    def refuse() -> pb.Run:
+        calls.append(1)
+        raise FakeRpcError(grpc.StatusCode.PERMISSION_DENIED)
+
+    with pytest.raises(grpc.RpcError):
+        client_module.retrying(refuse, 60)
+    assert len(calls) == 1, "only UNAVAILABLE is retried"
+
+
+def test_watch_output_off_a_terminal_ends_with_a_newline(quick_reconnect: io.StringIO) -> None:
+    run = cli_gateway.watch_run(cast(PmlClient, FlakyGateway(pb.RUN_STATE_CANCELLED)), "r1", as_json=False)
+    assert run.state == pb.RUN_STATE_CANCELLED
+    assert quick_reconnect.getvalue().endswith("CANCELLED\n"), repr(quick_reconnect.getvalue())
+
+    quick_reconnect.truncate(0)
+    quick_reconnect.seek(0)
+    with pytest.raises(grpc.RpcError):
+        cli_gateway.watch_run(
+            cast(PmlClient, FlakyGateway(pb.RUN_STATE_COMPLETED, stream_error=grpc.StatusCode.PERMISSION_DENIED)),
+            "r1", as_json=False,
+        )
+    assert quick_reconnect.getvalue().endswith("RUNNING\n"), "the error line that follows starts on its own line"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_runs_watch_waits_for_a_gateway_that_is_restarting(cli_run: dict[str, Any], stack: Stack) -> None:
+    """``pml runs watch`` started while the gateway is down: it waits for it, then follows."""
+    run_id = cli_run["events"][0]["runId"]
+    port = free_port()
+    env = {**cli_run["cli"].env, "PML_TARGET": f"127.0.0.1:{port}"}
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "pml.cli", "runs", "watch", run_id, "--json"], env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(3)  # the CLI starts and finds no gateway
+    assert watcher.poll() is None, f"watch gave up at once: {watcher.communicate()}"
+    server, _ = build_server(stack.app, f"127.0.0.1:{port}")
+    try:
+        out, err = watcher.communicate(timeout=120)
+    finally:
+        server.stop(grace=0)
+    assert watcher.returncode == 0, f"exited {watcher.returncode}:\n{out}\n{err}"
+    assert json.loads(out.splitlines()[-1])["data"]["status"] == "COMPLETED"
