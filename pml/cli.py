@@ -236,12 +236,13 @@ def main() -> None:
     import grpc
     from sqlalchemy.exc import OperationalError
 
+    from pml.client import ArtifactMismatch
     from pml.errors import PmlError
     from pml.gateway.server import PortInUse
 
     try:
         app()
-    except (PmlError, PortInUse, cli_gateway.UnusableFile) as exc:
+    except (PmlError, PortInUse, cli_gateway.UnusableFile, ArtifactMismatch) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         raise SystemExit(2) from None
     except grpc.RpcError as exc:

@@ -21,6 +21,10 @@ RECONNECT_PAUSE_S = 0.5
 T = TypeVar("T")
 
 
+class ArtifactMismatch(ValueError):
+    """The downloaded bytes do not hash to the sha256 the server announced (a corrupt transfer)."""
+
+
 def all_pages(fetch: Callable[[str], Any], field: str) -> list[Any]:
     """Every item of a paged List call: ``fetch(page_token)`` returns one page."""
     items: list[Any] = []
@@ -257,7 +261,7 @@ class PmlClient:
                         handle.write(chunk.data)
                         digest.update(chunk.data)
             if info is None or digest.hexdigest() != info.sha256:
-                raise ValueError("downloaded artifact does not match the sha256 the server announced")
+                raise ArtifactMismatch("downloaded artifact does not match the sha256 the server announced; nothing was written")
             os.replace(partial, target)
         except BaseException:
             partial.unlink(missing_ok=True)
