@@ -237,8 +237,7 @@ def main() -> None:
     from sqlalchemy.exc import OperationalError
 
     from pml.client import ArtifactMismatch
-    from pml.errors import PmlError
-    from pml.gateway.server import PortInUse
+    from pml.errors import PmlError, PortInUse
 
     try:
         app()

@@ -70,3 +70,7 @@ class StepFailed(PmlError):
 
 class ImageNotFound(StepFailed):
     """An image URI that the image registry cannot resolve."""
+
+
+class PortInUse(RuntimeError):
+    """A server (gRPC gateway, HTTP API) could not bind its address; not an API error."""

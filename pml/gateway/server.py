@@ -9,6 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pml.app import App
+from pml.errors import PortInUse
 from pml.gateway import event_services, services
 from pml.v1 import pml_pb2 as pb
 from pml.v1 import pml_pb2_grpc as rpc
@@ -23,10 +24,6 @@ SERVICE_NAMES = [
         "PredictionService", "ArtifactService", "AuditService", "WebhookService",
     )
 ]
-
-
-class PortInUse(RuntimeError):
-    """The gateway could not bind its address."""
 
 
 def build_server(app: App, address: str, max_workers: int = 32) -> tuple[grpc.Server, int]:

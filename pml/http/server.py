@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from pml.app import App
-from pml.gateway.server import PortInUse
+from pml.errors import PortInUse
 from pml.http.app import build_app
 
 START_TIMEOUT_S = 30
