@@ -297,7 +297,7 @@ def _exit_with_run(run: pb.Run) -> None:
 @runs.command("watch")
 def runs_watch(
     ctx: typer.Context, run_id: str,
-    after: Annotated[int, typer.Option(help="With --json: resume after this event id (from an earlier line).")] = 0,
+    after: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="With --json: resume after this event id (from an earlier line).")] = 0,
     as_json: Json = False,
 ) -> None:
     """Live progress of a run (state, trials done, best objective so far) until it ends."""
@@ -469,7 +469,7 @@ def audit_list(
 def audit_export(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the FHIR Bundle (JSON).")],
-    after: Annotated[int, typer.Option(help="Only entries after this id.")] = 0,
+    after: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Only entries after this id.")] = 0,
     as_json: Json = False,
 ) -> None:
     """Export the audit log as a FHIR Bundle of AuditEvent resources."""

@@ -140,17 +140,26 @@ class PmlClient:
         ``reconnect_s``: when the gateway goes away (UNAVAILABLE: restarted, a network blip),
         keep reconnecting for that long with the last event id received, so the caller gets
         every event once, as if nothing had happened. 0: the error is raised at once.
+
+        Resuming after the run's end (``after_event_id`` at or past its terminal event) ends at
+        once: a run that has ended is read from its start, quietly up to the id given, so the
+        end is seen even when it lies before that id.
         """
         last, give_up_at = after_event_id, None
         while True:
-            stream = self.events.WatchRun(pb.WatchRunRequest(run_id=run_id, after_event_id=last), metadata=self.metadata)
+            stream = None
             try:
+                ended = self.get_run(run_id).state in TERMINAL_STATES
+                stream = self.events.WatchRun(pb.WatchRunRequest(run_id=run_id, after_event_id=0 if ended else last),
+                                              metadata=self.metadata)
                 for event in stream:
-                    last, give_up_at = event.id, None
-                    yield event
-                    if event.type == "run.state" and json.loads(event.data_json).get("status") in (
+                    terminal = event.type == "run.state" and json.loads(event.data_json).get("status") in (
                         "COMPLETED", "FAILED", "CANCELLED",
-                    ):
+                    )
+                    if event.id > last:
+                        last, give_up_at = event.id, None
+                        yield event
+                    if terminal:
                         return
                 return
             except grpc.RpcError as exc:
@@ -161,7 +170,8 @@ class PmlClient:
                     raise
                 time.sleep(RECONNECT_PAUSE_S)
             finally:
-                stream.cancel()
+                if stream is not None:
+                    stream.cancel()
 
     def trial_logs(self, trial_id: str, offset: int = 0, follow: bool = False) -> Iterator[pb.LogLine]:
         """A trial's log lines from a byte offset; ``follow`` waits for new lines until it ends."""

@@ -364,13 +364,27 @@ def test_a_watch_rides_out_a_gateway_restart_missing_and_repeating_nothing(tmp_p
         server.stop(grace=0).wait()
         while_down = [publish(app, "restart", run_id=run_id, step=10 + i) for i in range(3)]
         server, _ = build_server(app, f"127.0.0.1:{port}")
-        after = publish(app, "restart", "run.state", run_id=run_id, status="COMPLETED")
+        with app.session() as session:
+            runs.set_status(session, runs.get_run(session, "restart", run_id), runs.RunStatus.COMPLETED)
+        after = sql_ids(app, "restart", run_id=run_id)[-1]
         watcher.join(STREAM_TIMEOUT_S)
         assert not watcher.is_alive(), "the watch did not end at the terminal state"
         assert not failure, f"the watch failed: {failure[0]!r}"
         ids = [e.id for e in got]
         assert ids == sql_ids(app, "restart", run_id=run_id), "missed or repeated events"
         assert set(before + while_down + [after]) <= set(ids) and ids[-1] == after
+
+        # Resuming after the end: what follows the id given, up to the end, then it stops —
+        # also when the id is the end itself or lies past it (what a script resumes with).
+        late = publish(app, "restart", "deployment.serving", run_id=run_id)
+        for resume_at, expected in ((while_down[0], ids[ids.index(while_down[0]) + 1:]), (after, []), (late, [])):
+            resumed: list[list[int]] = []
+            reader = threading.Thread(target=lambda a=resume_at: resumed.append(
+                [e.id for e in client.watch_run(run_id, after_event_id=a)]), daemon=True)
+            reader.start()
+            reader.join(STREAM_TIMEOUT_S)
+            assert not reader.is_alive(), f"a watch resumed after {resume_at} of an ended run did not end"
+            assert resumed == [expected]
     finally:
         admin.close()
         client.close()
