@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -53,6 +55,10 @@ def _image_json(image: "Image") -> dict[str, str]:
     return {"uri": image.uri, "kind": image.kind, "path": image.path or ""}
 
 
+# How long a stopping pml serve lets in-flight steps finish.
+SHUTDOWN_WAIT_MS = 10_000
+
+
 @app.command()
 def serve(
     grpc_port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC port (0 picks a free one).")] = 50051,
@@ -89,10 +95,27 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
-    http.stop()
-    server.stop(grace=5)
+    busy = False
     if worker:
-        worker.stop()
+        # Workers first, while the ports are still held: a second embedded pml serve cannot
+        # start on the same store while this one still works it. Steps that do not finish in
+        # time stop with the process; the next start picks them up again (pml/recovery.py).
+        worker.stop(timeout=SHUTDOWN_WAIT_MS)
+        busy = any(thread.is_alive() for thread in worker.workers)
+    http.stop()
+    server.stop(grace=5).wait()
+    if busy:
+        # A step still runs (a tuning experiment, say): shutting Ray down under it would fail
+        # its run, and the interpreter's teardown aborts in Ray's threads. Leave at once, as a
+        # crash would; Ray ends its trials when its driver is gone.
+        console.print("stopped with steps still running; the next start picks them up")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    if worker:
+        from pml.tuning.tuner import shutdown_ray
+
+        shutdown_ray()
 
 
 @app.command()

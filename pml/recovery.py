@@ -7,7 +7,9 @@ deployment and webhook delivery says which step it waits for, and every step is 
 (it finds the state moved on, or resumes — a tuning run restores its Ray Tune experiment), so
 sending each its step's message again is safe. A process deployment's server ends with the
 process that started it, so a serving deployment whose server no longer answers its health
-check is deployed again (the deploy step starts a new server and retires the dead one).
+check is deployed again (the deploy step starts a new server and retires the dead one), and
+a deployment the last process left STARTING is failed and its server stopped before its run
+is deployed again.
 
 Only for the embedded broker: with Redis, doing this too would run steps twice side by side.
 """
@@ -24,6 +26,7 @@ from sqlalchemy import select
 
 from pml.app import App
 from pml.runs import RunStatus
+from pml.serving import deploy
 from pml.store.tables import Deployment, Run, WebhookDelivery, utcnow
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,9 @@ def resume_unfinished(app: App) -> Resumed:
     """Enqueue the pending step of every unfinished run, deployment and delivery, all accounts,
     and deploy again what should be serving but does not answer."""
     counts = dict.fromkeys(("curate", "tune", "evaluate", "deploy", "notify"), 0)
+    with app.session() as session:
+        interrupted = deploy.abandon_interrupted_starts(session)
+    deploy.stop_retired(interrupted)  # their runs are DEPLOYING: deployed again below
     with app.session() as session:
         runs = session.execute(
             select(Run.account_id, Run.id, Run.status).where(Run.status.in_(list(STEP_OF_STATE))).order_by(Run.created_at)

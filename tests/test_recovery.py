@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -61,9 +62,12 @@ class Ping(BaseHTTPRequestHandler):
         pass
 
 
-def serving(app: App, model_id: str, run_id: str, endpoint: str) -> None:
+def serving(app: App, model_id: str, run_id: str, endpoint: str, status: str = "SERVING", pid: int | None = None) -> str:
     with app.session() as session:
-        session.add(Deployment(account_id=ACCOUNT, model_id=model_id, run_id=run_id, status="SERVING", endpoint=endpoint))
+        row = Deployment(account_id=ACCOUNT, model_id=model_id, run_id=run_id, status=status, endpoint=endpoint, pid=pid)
+        session.add(row)
+        session.flush()
+        return row.id
 
 
 def test_each_unfinished_run_deployment_and_delivery_gets_its_step_again(app: App) -> None:
@@ -78,6 +82,9 @@ def test_each_unfinished_run_deployment_and_delivery_gets_its_step_again(app: Ap
         "deploy": [run_in(app, model_id, RunStatus.COMPLETED, "PENDING"),
                    run_in(app, model_id, RunStatus.COMPLETED, "DEPLOYING")],
     }
+    # The process died while this server started: the server is still up, its row STARTING.
+    half_started = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    starting = serving(app, model_id, waiting["deploy"][1], "http://127.0.0.1:9", "STARTING", half_started.pid)
     for status, deploy in ((RunStatus.COMPLETED, None), (RunStatus.FAILED, None), (RunStatus.CANCELLED, None)):
         run_in(app, model_id, status, deploy)  # finished: nothing to do
     # Deployed: one server still answers (left alone), one died with the last process (deployed again).
@@ -103,6 +110,13 @@ def test_each_unfinished_run_deployment_and_delivery_gets_its_step_again(app: Ap
                       + [("notify", (ACCOUNT, delivery.id))])
     assert queued(app) == expected
     assert (resumed.curate, resumed.tune, resumed.evaluate, resumed.deploy, resumed.notify) == (2, 1, 1, 3, 1)
+    try:
+        half_started.wait(10)
+    except subprocess.TimeoutExpired:
+        half_started.kill()
+        raise AssertionError("the half-started server was left running") from None
+    with app.session() as session:
+        assert session.get(Deployment, starting).status == "FAILED"
 
 
 def test_a_run_whose_message_was_lost_moves_on_once_resumed(app: App) -> None:

@@ -73,7 +73,7 @@ def retire_model_deployments(session: Session, account_id: str, model_id: str) -
     returns what :func:`stop_retired` must stop once that has committed."""
     rows = list(session.scalars(select(Deployment).where(
         Deployment.account_id == account_id, Deployment.model_id == model_id,
-        Deployment.status == "SERVING",
+        Deployment.status.in_(("SERVING", "STARTING")),
     )))
     for row in rows:
         row.status, row.updated_at = "STOPPED", utcnow()
@@ -87,6 +87,16 @@ def retire_model_deployments(session: Session, account_id: str, model_id: str) -
 def stop_retired(stopped: list[tuple[str, int | None, str | None]]) -> None:
     for deployment_id, pid, endpoint in stopped:
         _stop(deployment_id, pid, endpoint)
+
+
+def abandon_interrupted_starts(session: Session) -> list[tuple[str, int | None, str | None]]:
+    """Deployments left STARTING by a process that died (all accounts): marked FAILED, and
+    returned for :func:`stop_retired`, whose server may still be up. Only for a process
+    that knows no deploy step is running (an embedded pml at start)."""
+    rows = list(session.scalars(select(Deployment).where(Deployment.status == "STARTING")))
+    for row in rows:
+        row.status, row.error, row.updated_at = "FAILED", "interrupted: pml stopped while the server started", utcnow()
+    return [(row.id, row.pid, row.endpoint) for row in rows]
 
 
 def deploy_run(app: App, account_id: str, run_id: str) -> None:
@@ -130,6 +140,10 @@ def deploy_run(app: App, account_id: str, run_id: str) -> None:
         server = runtime_for(image.kind).start_server(
             image, model_dir, home / "logs" / f"deploy-{deployment_id}.log", outlive_owner=True
         )
+        with app.session() as session:  # before the wait: a crash now must not leave it unknown
+            row = session.get(Deployment, deployment_id)
+            assert row is not None
+            row.endpoint, row.pid, row.updated_at = server.endpoint, server.pid, utcnow()
         server.wait_healthy(HEALTH_TIMEOUT_S)
     except PmlError as exc:
         with app.session() as session:
