@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pml.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from pml.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated, require_id
 from pml.store.tables import Account, ApiKey, utcnow
 
 ACCOUNT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -87,6 +87,7 @@ def create_account(session: Session, account_id: str, name: str, fhir_source: di
 
 
 def get_account(session: Session, account_id: str) -> Account:
+    require_id("account_id", account_id)
     account = session.get(Account, account_id)
     if account is None:
         raise NotFound(f"account {account_id} not found")
@@ -124,6 +125,7 @@ def list_api_keys(session: Session, account_id: str) -> list[ApiKey]:
 
 
 def revoke_api_key(session: Session, account_id: str, key_id: str) -> ApiKey:
+    require_id("key_id", key_id)
     row = session.scalar(select(ApiKey).where(ApiKey.account_id == account_id, ApiKey.id == key_id))
     if row is None:
         raise NotFound(f"API key {key_id} not found")

@@ -74,6 +74,7 @@ def test_an_empty_id_is_invalid_not_a_lookup(stack: Stack, small_folder: Path) -
         ("run_id", lambda: list(client.events.WatchRun(pb.WatchRunRequest(run_id=""), metadata=client.metadata))),
         ("trial_id", lambda: client.runs.GetTrial(pb.GetTrialRequest(trial_id=""), metadata=client.metadata)),
         ("model_id", lambda: client.create_run("")),
+        ("example_id", lambda: client.predict("any-model", example_id="")),
         ("after_event_id", lambda: list(client.events.WatchEvents(pb.WatchEventsRequest(after_event_id=-5),
                                                                   metadata=client.metadata))),
     ):

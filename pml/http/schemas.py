@@ -100,7 +100,8 @@ class RunBody(_Body):
     status: RunStatus
     error: str | None = None
     deploy_status: str
-    """``notDeployed``, ``pending``, ``deploying``, ``deployed``, ``failed`` or ``superseded``."""
+    """``notDeployed``, ``pending``, ``deploying``, ``deployed``, ``failed``, ``superseded`` or
+    ``stopped`` (the model was deleted)."""
     deploy_error: str | None = None
     start: int
     """Epoch milliseconds."""

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from pml.app import App
 from pml.datasets.images import ImageError, check_image
-from pml.errors import FailedPrecondition, InvalidArgument, NotFound, StepFailed
+from pml.errors import FailedPrecondition, InvalidArgument, NotFound, StepFailed, require_id
 from pml.models import get_model, model_config
 from pml.runs import get_run
 from pml.serving.client import invoke
@@ -50,6 +50,8 @@ def predict(
 ) -> Prediction:
     if (example_id is None) == (image is None):
         raise InvalidArgument([("input", "give exactly one of exampleId or image")])
+    if example_id is not None:
+        require_id("example_id", example_id)
     with app.session() as session:
         model = get_model(session, account_id, model_id)
         config = model_config(model)
