@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 from sqlalchemy import select
 
 from pml.app import App
 from pml.runs import RunStatus
+from pml.runtimes.base import answers_ping
 from pml.serving import deploy
 from pml.store.tables import Deployment, Run, WebhookDelivery, utcnow
 
@@ -40,18 +39,6 @@ STEP_OF_STATE = {
 }
 # Deploy states of a completed run whose deploy step never finished.
 UNFINISHED_DEPLOYS = ("PENDING", "DEPLOYING")
-PING_TIMEOUT_S = 2.0
-
-
-def answers_ping(endpoint: str | None) -> bool:
-    """Whether an inference server still serves (``GET /ping`` is 200)."""
-    if not endpoint:
-        return False
-    try:
-        with urllib.request.urlopen(f"{endpoint}/ping", timeout=PING_TIMEOUT_S) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 @dataclass(frozen=True)
@@ -97,7 +84,7 @@ def resume_unfinished(app: App) -> Resumed:
         queue = STEP_OF_STATE[status]
         app.enqueue(queue, account_id, run_id)
         counts[queue] += 1
-    dead = [(account_id, run_id) for account_id, run_id, endpoint in serving if not answers_ping(endpoint)]
+    dead = [(account_id, run_id) for account_id, run_id, endpoint in serving if not (endpoint and answers_ping(endpoint))]
     for account_id, run_id in list(deploys) + dead:
         app.enqueue("deploy", account_id, run_id)
         counts["deploy"] += 1

@@ -89,6 +89,15 @@ class InferenceServer(Protocol):
     def wait_healthy(self, timeout_s: float) -> None: ...
 
 
+def answers_ping(endpoint: str, timeout_s: float = 2.0) -> bool:
+    """Whether the inference server at ``endpoint`` serves: ``GET /ping`` answers 200."""
+    try:
+        with urllib.request.urlopen(f"{endpoint}/ping", timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
 def wait_until_pinged(server: InferenceServer, timeout_s: float, what: str,
                       exited: Callable[[], tuple[object, list[str]]]) -> None:
     """Poll ``GET /ping`` until it answers 200; the server is stopped if it never does.
@@ -103,12 +112,8 @@ def wait_until_pinged(server: InferenceServer, timeout_s: float, what: str,
             server.stop()
             raise StepFailed(f"{what} exited with code {code} before it was healthy; "
                              f"last log lines: {' | '.join(tail)}")
-        try:
-            with urllib.request.urlopen(f"{server.endpoint}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+        if answers_ping(server.endpoint):
+            return
         time.sleep(0.1)
     server.stop()
     raise StepFailed(f"{what} was not healthy (GET /ping) within {timeout_s:.0f} s")

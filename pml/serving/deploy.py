@@ -31,6 +31,8 @@ SYSTEM_ACTOR = "system"
 
 # Servers this process started, by deployment id, so it can stop them when replaced.
 _servers: dict[str, InferenceServer] = {}
+# A deployment taken out of service: (deployment id, pid, endpoint), what stopping it needs.
+Retired = tuple[str, int | None, str | None]
 
 
 def _stop(deployment_id: str, pid: int | None, endpoint: str | None) -> None:
@@ -68,9 +70,9 @@ def _model_exists(session: Session, account_id: str, model_id: str) -> bool:
     return True
 
 
-def retire_model_deployments(session: Session, account_id: str, model_id: str) -> list[tuple[str, int | None, str | None]]:
-    """Mark a deleted model's serving deployments stopped (in the caller's transaction);
-    returns what :func:`stop_retired` must stop once that has committed."""
+def retire_model_deployments(session: Session, account_id: str, model_id: str) -> list[Retired]:
+    """Mark a deleted model's serving and starting deployments stopped (in the caller's
+    transaction); returns what :func:`stop_retired` must stop once that has committed."""
     rows = list(session.scalars(select(Deployment).where(
         Deployment.account_id == account_id, Deployment.model_id == model_id,
         Deployment.status.in_(("SERVING", "STARTING")),
@@ -84,12 +86,12 @@ def retire_model_deployments(session: Session, account_id: str, model_id: str) -
     return [(row.id, row.pid, row.endpoint) for row in rows]
 
 
-def stop_retired(stopped: list[tuple[str, int | None, str | None]]) -> None:
+def stop_retired(stopped: list[Retired]) -> None:
     for deployment_id, pid, endpoint in stopped:
         _stop(deployment_id, pid, endpoint)
 
 
-def abandon_interrupted_starts(session: Session) -> list[tuple[str, int | None, str | None]]:
+def abandon_interrupted_starts(session: Session) -> list[Retired]:
     """Deployments left STARTING by a process that died (all accounts): marked FAILED, and
     returned for :func:`stop_retired`, whose server may still be up. Only for a process
     that knows no deploy step is running (an embedded pml at start)."""
@@ -162,17 +164,13 @@ def deploy_run(app: App, account_id: str, run_id: str) -> None:
         raise
     _servers[deployment_id] = server
     with app.session() as session:
-        if not _model_exists(session, account_id, model_id):  # deleted while the server started
-            row = session.get(Deployment, deployment_id)
-            assert row is not None
-            row.status, row.updated_at = "STOPPED", utcnow()
-            get_run(session, account_id, run_id).deploy_status = "STOPPED"
+        if _model_exists(session, account_id, model_id):
+            retired = None
+        else:  # deleted while the server started: retired as the delete retires the rest
+            retired = retire_model_deployments(session, account_id, model_id)
             _audit_deploy(session, account_id, run_id, "FAILED_PRECONDITION")
-            stopped_new = True
-        else:
-            stopped_new = False
-    if stopped_new:
-        _stop(deployment_id, server.pid, server.endpoint)
+    if retired is not None:
+        stop_retired(retired)
         return
     with app.session() as session:
         old = list(
@@ -196,5 +194,4 @@ def deploy_run(app: App, account_id: str, run_id: str) -> None:
                        data={"deploymentId": deployment_id})
         _audit_deploy(session, account_id, run_id, "ok")
         stopped = [(row.id, row.pid, row.endpoint) for row in old]
-    for old_id, pid, endpoint in stopped:  # only after the switch: no request meets a stopped server
-        _stop(old_id, pid, endpoint)
+    stop_retired(stopped)  # only after the switch: no request meets a stopped server
